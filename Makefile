@@ -1,0 +1,25 @@
+# Quickstart: `make run` (sets up .venv if needed, runs the pipeline), `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test test-all setup clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) flows/full_pipeline.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

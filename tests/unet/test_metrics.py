@@ -1,0 +1,411 @@
+"""Tests of unet.metrics: hand-worked values and independent re-computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.measure import label
+
+from unet.metrics import (
+    CASE_METRICS,
+    CaseMetrics,
+    ConfusionCounts,
+    case_scores,
+    confusion_counts,
+    confusion_scores,
+    segmentation_scores,
+    v_info,
+    v_rand,
+)
+
+# 3x3 example used by several tests (cell = 1).
+PRED = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+TARGET = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]])
+# By hand: p*t is 1 at (0,0), (1,1) -> inter = 2; sum(p) = 3, sum(t) = 4, sum(1-t) = 5.
+# p == t at 6 of 9 pixels (wrong: (0,1), (1,0), (2,2)) -> acc = 2/3.
+# iou = 2 / (7 - 2) = 2/5; dice = 2*2 / 7 = 4/7; sens = 2/4 = 1/2;
+# (1-t)(1-p) = 1 at (0,2), (1,2), (2,0), (2,1) -> spec = 4/5.
+# Confusion: tp = 2, fp = 1 ((0,1)), fn = 2 ((1,0), (2,2)), tn = 4.
+
+
+# --------------------------------------------------------------------------- case_scores
+
+
+def test_case_scores_hand_worked_3x3():
+    s = 1e-5
+    got = case_scores(PRED, TARGET, smooth=s)
+    assert got == pytest.approx(
+        {"acc": 6 / 9, "iou": 2 / (5 + s), "dice": 4 / (7 + s), "sens": 2 / (4 + s), "spec": 4 / (5 + s)},
+        rel=1e-12,
+    )
+    assert got == pytest.approx({"acc": 2 / 3, "iou": 0.4, "dice": 4 / 7, "sens": 0.5, "spec": 0.8}, rel=1e-4)
+
+
+def test_case_scores_hand_worked_2x2_empty_cell_class_scores_near_zero():
+    # pred all membrane, target: one cell pixel. inter = 0 -> iou = dice = sens = 0;
+    # acc = 3/4; spec = 3 / (3 + s).
+    got = case_scores(np.zeros((2, 2)), np.array([[0, 0], [0, 1]]))
+    assert got == pytest.approx({"acc": 0.75, "iou": 0.0, "dice": 0.0, "sens": 0.0, "spec": 3 / (3 + 1e-5)})
+
+
+def test_case_scores_accepts_bool_and_rejects_bad_input():
+    assert case_scores(PRED.astype(bool), TARGET.astype(bool)) == case_scores(PRED, TARGET)
+    with pytest.raises(ValueError, match="same shape"):
+        case_scores(PRED, TARGET[:2])
+    with pytest.raises(ValueError, match="binary"):
+        case_scores(PRED * 0.7, TARGET)
+    with pytest.raises(ValueError, match="binary"):
+        case_scores(PRED, TARGET * 255)
+    with pytest.raises(ValueError, match="smooth"):
+        case_scores(PRED, TARGET, smooth=0.0)
+
+
+# --------------------------------------------------------------------------- CaseMetrics
+
+
+def _batch(rng: np.random.Generator, n: int = 3, h: int = 5, w: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    prob = rng.random((n, 1, h, w)).astype(np.float32)
+    prob[0, 0, 0, :3] = [0.5, 0.5000001, 0.4999999]  # values at the rounding edge
+    mask = (rng.random((n, 1, h, w)) < 0.7).astype(np.float32)
+    return prob, mask
+
+
+def test_case_metrics_is_mean_of_per_image_case_scores():
+    rng = np.random.default_rng(0)
+    prob, mask = _batch(rng)
+    m = CaseMetrics()
+    m.clear()
+    m.update(prob, mask)
+    got = m.eval()
+    per_image = [case_scores((p[0] > 0.5).astype(int), t[0]) for p, t in zip(prob, mask)]
+    expected = {k: np.mean([s[k] for s in per_image]) for k in CASE_METRICS}
+    assert set(got) == set(CASE_METRICS)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_case_metrics_rounds_at_half_like_np_round():
+    m = CaseMetrics()
+    ones = np.ones((1, 1, 2, 2), np.float32)
+    m.update(ones * 0.5, ones * 0)  # np.round(0.5) == 0 -> all membrane -> acc 1
+    assert m.eval()["acc"] == 1.0
+    m.clear()
+    m.update(ones * 0.51, ones)  # rounds to 1 -> all cell -> acc 1
+    assert m.eval()["acc"] == 1.0
+    m.clear()
+    m.update(ones * 0.49, ones)  # rounds to 0 -> every pixel wrong
+    assert m.eval()["acc"] == 0.0
+
+
+def test_case_metrics_accumulates_over_updates_and_accepts_tensors():
+    from mindspore import Tensor
+
+    rng = np.random.default_rng(1)
+    prob, mask = _batch(rng, n=4)
+    whole = CaseMetrics()
+    whole.update(prob, mask)
+    parts = CaseMetrics()
+    parts.update(Tensor(prob[:1]), Tensor(mask[:1]))
+    parts.update(Tensor(prob[1:]), Tensor(mask[1:]))
+    assert parts.eval() == pytest.approx(whole.eval(), rel=1e-12)
+
+
+def test_case_metrics_errors():
+    m = CaseMetrics()
+    with pytest.raises(RuntimeError):
+        m.eval()
+    with pytest.raises(ValueError, match="same shape"):
+        m.update(np.zeros((2, 1, 4, 4)), np.zeros((2, 1, 4, 5)))
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        m.update(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="binary"):
+        m.update(np.zeros((1, 1, 2, 2)), np.full((1, 1, 2, 2), 255))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.update(np.full((1, 1, 2, 2), 3.0), np.zeros((1, 1, 2, 2)))
+    m.update(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+    m.clear()
+    with pytest.raises(RuntimeError):
+        m.eval()
+
+
+def test_case_metrics_in_model_eval():
+    import mindspore.dataset as ds
+    from mindspore import nn
+    from mindspore.train import Model
+
+    class Identity(nn.Cell):
+        def construct(self, x):
+            return x
+
+    rng = np.random.default_rng(2)
+    prob, mask = _batch(rng, n=4, h=8, w=8)
+    data = ds.NumpySlicesDataset({"image": prob, "label": mask}, shuffle=False).batch(2)
+    model = Model(Identity(), loss_fn=nn.BCELoss(reduction="mean"), metrics={"case": CaseMetrics()})
+    got = model.eval(data, dataset_sink_mode=False)["case"]
+    direct = CaseMetrics()
+    direct.update(prob, mask)
+    assert got == pytest.approx(direct.eval(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- confusion
+
+
+def test_confusion_counts_hand_worked_and_addition():
+    c = confusion_counts(PRED, TARGET)
+    assert c == ConfusionCounts(tp=2, fp=1, fn=2, tn=4)
+    assert c.total == 9
+    assert c + c == ConfusionCounts(4, 2, 4, 8)
+    assert sum([c, c, c]) == ConfusionCounts(6, 3, 6, 12)
+    stack_p, stack_t = np.stack([PRED, 1 - PRED]), np.stack([TARGET, TARGET])
+    assert confusion_counts(stack_p, stack_t) == c + confusion_counts(1 - PRED, TARGET)
+
+
+def test_confusion_counts_rejects_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        confusion_counts(PRED, TARGET.T[:2])
+    with pytest.raises(ValueError, match="binary"):
+        confusion_counts(PRED, TARGET * 2)
+    with pytest.raises(ValueError, match="non-negative"):
+        ConfusionCounts(tp=-1)
+
+
+def test_confusion_scores_hand_worked():
+    # tp = 6, fp = 2, fn = 3, tn = 9 (20 pixels):
+    # acc = 15/20; cell: iou = 6/11, dice = 12/17, precision = 6/8, recall = 6/9;
+    # membrane (tp_m = tn = 9, fp_m = fn = 3, fn_m = fp = 2): iou = 9/14, dice = 18/23,
+    # precision = 9/12, recall = 9/11; balanced accuracy = (6/9 + 9/11) / 2 = 49/66.
+    got = confusion_scores(ConfusionCounts(tp=6, fp=2, fn=3, tn=9))
+    assert got == pytest.approx(
+        {
+            "acc": 0.75,
+            "cell_iou": 6 / 11,
+            "cell_dice": 12 / 17,
+            "cell_precision": 0.75,
+            "cell_recall": 2 / 3,
+            "membrane_iou": 9 / 14,
+            "membrane_dice": 18 / 23,
+            "membrane_precision": 0.75,
+            "membrane_recall": 9 / 11,
+            "balanced_accuracy": 49 / 66,
+        },
+        rel=1e-12,
+    )
+
+
+def test_confusion_scores_zero_over_zero_is_one():
+    # All membrane, predicted all membrane: the cell sets are both empty -> 1.0, not NaN.
+    got = confusion_scores(ConfusionCounts(tn=10))
+    assert got["cell_iou"] == got["cell_dice"] == got["cell_precision"] == got["cell_recall"] == 1.0
+    assert got["membrane_iou"] == got["acc"] == got["balanced_accuracy"] == 1.0
+    # Cells present but none predicted: recall 0, precision 0/0 = 1, iou 0.
+    got = confusion_scores(ConfusionCounts(fn=3, tn=7))
+    assert (got["cell_recall"], got["cell_precision"], got["cell_iou"]) == (0.0, 1.0, 0.0)
+    with pytest.raises(ValueError):
+        confusion_scores((1, 2, 3, 4))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_confusion_scores_match_set_computation(seed):
+    rng = np.random.default_rng(seed)
+    pred = (rng.random((7, 9)) < rng.uniform(0.2, 0.8)).astype(np.uint8)
+    target = (rng.random((7, 9)) < rng.uniform(0.2, 0.8)).astype(np.uint8)
+    got = confusion_scores(confusion_counts(pred, target))
+    p_cell = {i for i, v in enumerate(pred.ravel()) if v == 1}
+    t_cell = {i for i, v in enumerate(target.ravel()) if v == 1}
+    everything = set(range(pred.size))
+    p_mem, t_mem = everything - p_cell, everything - t_cell
+    assert got["cell_iou"] == pytest.approx(len(p_cell & t_cell) / len(p_cell | t_cell))
+    assert got["membrane_dice"] == pytest.approx(2 * len(p_mem & t_mem) / (len(p_mem) + len(t_mem)))
+    same = 0
+    for a, b in zip(pred.ravel().tolist(), target.ravel().tolist()):
+        same += a == b
+    assert got["acc"] == pytest.approx(same / pred.size)
+    # The case's smoothed iou is the exact cell iou up to the smoothing constant.
+    assert case_scores(pred, target)["iou"] == pytest.approx(got["cell_iou"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- ISBI scores
+
+
+def _cells(h: int = 12, w: int = 12) -> np.ndarray:
+    """Four square cells separated by a one-pixel membrane cross (row 6, column 6)."""
+    t = np.ones((h, w), np.uint8)
+    t[6, :] = 0
+    t[:, 6] = 0
+    return t
+
+
+def _pair_counting_rand(gt: np.ndarray, pred: np.ndarray, distinct: bool) -> float:
+    """Rand F-score over gt-foreground pixels from the contingency table n_ij.
+
+    ``distinct=False``: sum n_ij^2 / (0.5 (sum a_i^2 + sum b_j^2)) (pairs incl. self-pairs);
+    ``distinct=True``: the same with n(n-1) in place of n^2 (pairs of distinct pixels).
+    """
+    fg = gt != 0
+    g, p = gt[fg], pred[fg]
+    table: dict[tuple[int, int], int] = {}
+    for i, j in zip(g.tolist(), p.tolist()):
+        table[(i, j)] = table.get((i, j), 0) + 1
+    a: dict[int, int] = {}
+    b: dict[int, int] = {}
+    for (i, j), n in table.items():
+        a[i] = a.get(i, 0) + n
+        b[j] = b.get(j, 0) + n
+
+    def pairs(counts):
+        return sum(n * (n - 1) if distinct else n * n for n in counts)
+
+    return pairs(table.values()) / (0.5 * (pairs(a.values()) + pairs(b.values())))
+
+
+def _direct_info(gt: np.ndarray, pred: np.ndarray) -> float:
+    """V_info from joint label frequencies: I = H(S) + H(T) - H(S, T)."""
+    fg = gt != 0
+    s, t = pred[fg], gt[fg]
+
+    def h(*cols):
+        _, counts = np.unique(np.stack(cols, axis=1), axis=0, return_counts=True)
+        q = counts / counts.sum()
+        return -np.sum(q * np.log2(q))
+
+    h_s, h_t = h(s), h(t)
+    mutual = h_s + h_t - h(s, t)
+    prec, rec = mutual / h_s, mutual / h_t
+    return 2 * prec * rec / (prec + rec)
+
+
+def test_perfect_prediction_scores_one():
+    second = _cells()
+    second[2, :] = 0  # splits the two upper cells again: six cells
+    target = np.stack([_cells(), second])
+    got = segmentation_scores(target.astype(np.float32), target)
+    for t, s in got["per_threshold"].items():
+        assert s == {"v_rand": 1.0, "v_info": 1.0}, t
+    assert got["v_rand"] == got["v_info"] == 1.0
+    assert got["v_rand_threshold"] == got["v_info_threshold"] == 0.1
+
+
+def test_merging_two_cells_scores_below_one():
+    target = np.ones((5, 9), np.uint8)
+    target[:, 4] = 0  # two 5x4 cells, a = b = 20, N = 40
+    merged = np.ones((5, 9), np.float32)  # membrane line removed: one segment
+    got = segmentation_scores(merged, target, thresholds=(0.5,))
+    # distinct pairs: sum n_ij(n_ij-1) = 2*20*19 = 760 (= gt side), pred side 40*39 = 1560
+    assert got["v_rand"] == pytest.approx(760 / (0.5 * 760 + 0.5 * 1560))
+    assert got["v_rand"] < 1.0
+    # H(S) = 0 (one predicted segment), H(T) = 1 bit, I = 0 -> P = 1, R = 0 -> V_info = 0.
+    assert got["v_info"] == 0.0
+
+
+def test_best_threshold_selection():
+    target = np.ones((9, 9), np.uint8)
+    target[:, 4] = 0  # two cells separated by a membrane line
+    prob = np.full((9, 9), 0.75)
+    prob[:, 4] = 0.45  # membrane: predicted cell (merge) for t <= 0.4
+    prob[2, 1] = prob[6, 2] = 0.62  # two weak pixels inside the left cell: holes for t >= 0.7
+    # t <= 0.4: merge; t = 0.5, 0.6: perfect; t = 0.7: holes; t >= 0.8: nothing predicted.
+    got = segmentation_scores(prob, target)
+    assert got["v_rand_threshold"] == got["v_info_threshold"] == 0.5
+    assert got["v_rand"] == got["v_info"] == 1.0
+    per = got["per_threshold"]
+    assert list(per) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert per[0.6] == {"v_rand": 1.0, "v_info": 1.0}
+    for t in (0.4, 0.7, 0.8):
+        assert per[t]["v_rand"] < 1.0 and per[t]["v_info"] < 1.0, t
+    # Without the perfect thresholds the hole threshold (split only) beats the merges.
+    got = segmentation_scores(prob, target, thresholds=(0.3, 0.7, 0.9))
+    assert got["v_rand_threshold"] == 0.7
+    assert got["v_rand"] == pytest.approx(per[0.7]["v_rand"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_v_rand_matches_pair_counting(seed):
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 4, size=(6, 7))  # 0 = ignored
+    pred = rng.integers(0, 5, size=(6, 7))
+    assert v_rand(gt, pred) == pytest.approx(_pair_counting_rand(gt, pred, distinct=True), rel=1e-12)
+    # Through segmentation_scores on a random probability map and binary target.
+    prob = rng.random((2, 10, 10))
+    target = (rng.random((2, 10, 10)) < 0.6).astype(np.uint8)
+    got = segmentation_scores(prob, target, thresholds=(0.4,))["v_rand"]
+    expected = np.mean(
+        [
+            _pair_counting_rand(label(t, connectivity=1), label(p >= 0.4, connectivity=1), distinct=True)
+            for p, t in zip(prob, target)
+        ]
+    )
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_v_rand_close_to_self_pair_formula_for_large_segments():
+    # The ISBI/Fiji formula counts self-pairs (n^2); scikit-image counts distinct pairs
+    # (n(n-1)). With segments of hundreds of pixels the two agree closely, not exactly.
+    gt = np.repeat(np.repeat(np.array([[1, 2], [3, 4]]), 20, axis=0), 20, axis=1)
+    pred = gt.copy()
+    pred[:, 15:25] = 5  # a wrong vertical band spanning all four cells
+    mine = v_rand(gt, pred)
+    assert mine < 0.9
+    assert mine == pytest.approx(_pair_counting_rand(gt, pred, distinct=False), abs=5e-3)
+    assert mine != _pair_counting_rand(gt, pred, distinct=False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_v_info_matches_direct_entropies(seed):
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 3, size=(8, 8))
+    pred = rng.integers(0, 6, size=(8, 8))  # H(S) != H(T): catches swapped conditional entropies
+    assert v_info(gt, pred) == pytest.approx(_direct_info(gt, pred), rel=1e-9)
+
+
+def test_v_info_edge_cases():
+    gt = np.array([[1, 1, 0, 2, 2]])
+    assert v_info(gt, np.array([[7, 7, 0, 3, 3]])) == 1.0  # relabelled, perfect
+    assert v_info(gt, np.array([[4, 4, 4, 4, 4]])) == 0.0  # everything merged
+    one_cell = np.array([[1, 1, 1, 1]])
+    assert v_info(one_cell, np.array([[5, 5, 5, 5]])) == 1.0  # H(S) = H(T) = 0
+    assert v_info(one_cell, np.array([[1, 1, 2, 2]])) == 0.0  # one cell split: P = 0, R = 1
+    empty = np.zeros((3, 3), int)
+    assert v_info(empty, np.ones((3, 3), int)) == 1.0 and v_rand(empty, np.ones((3, 3), int)) == 1.0
+
+
+def test_single_frame_and_frame_mean():
+    rng = np.random.default_rng(7)
+    prob = rng.random((2, 10, 10))
+    target = (rng.random((2, 10, 10)) < 0.6).astype(np.uint8)
+    ts = (0.3, 0.6)
+    stack = segmentation_scores(prob, target, thresholds=ts)["per_threshold"]
+    frames = [segmentation_scores(p, t, thresholds=ts)["per_threshold"] for p, t in zip(prob, target)]
+    for t in ts:
+        for k in ("v_rand", "v_info"):
+            assert stack[t][k] == pytest.approx((frames[0][t][k] + frames[1][t][k]) / 2)
+
+
+def test_thresholds_are_rounded_python_floats():
+    target = _cells()
+    got = segmentation_scores(target * 0.9, target, thresholds=np.array([0.3000001, 0.7]))
+    assert list(got["per_threshold"]) == [0.3, 0.7]
+    assert all(type(t) is float for t in got["per_threshold"])
+    assert type(got["v_rand_threshold"]) is float
+
+
+@pytest.mark.parametrize(
+    ("prob", "target", "kwargs", "match"),
+    [
+        (np.zeros((2, 4, 4)), np.zeros((2, 4, 5)), {}, "same shape"),
+        (np.zeros((4, 4)), np.full((4, 4), 255), {}, "binary"),
+        (np.full((4, 4), 1.5), np.zeros((4, 4)), {}, r"\[0, 1\]"),
+        (np.full((4, 4), np.nan), np.zeros((4, 4)), {}, "finite"),
+        (np.zeros((1, 2, 4, 4)), np.zeros((1, 2, 4, 4)), {}, r"\[N, H, W\]"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), {"thresholds": ()}, "empty"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), {"thresholds": (0.5, 1.2)}, r"\[0, 1\]"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), {"thresholds": (0.5, 0.501)}, "distinct"),
+    ],
+)
+def test_segmentation_scores_rejects_bad_input(prob, target, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        segmentation_scores(prob, target, **kwargs)
+
+
+def test_label_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        v_rand(np.ones((3, 3), int), np.ones((3, 4), int))
+    with pytest.raises(ValueError, match="non-negative ints"):
+        v_info(np.ones((3, 3)), np.ones((3, 3), int))

@@ -1,0 +1,124 @@
+"""Datasets: albumentations pipelines per recipe and MindSpore ``GeneratorDataset`` sources.
+
+Samples are float32 image [C, H, W] in [0, 1] and float32 mask [1, H, W] in {0, 1} (1 = cell).
+Masks always go through nearest-neighbour interpolation, so they stay binary.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from unet.recipes import Recipe
+
+NEAREST = cv2.INTER_NEAREST
+# The case ran albumentations 1.x, whose geometric transforms filled borders by reflection.
+REFLECT = cv2.BORDER_REFLECT_101
+
+
+def case_train_transforms(size: int) -> A.Compose:
+    """The case's training augmentation: resize, then flips, shift-scale-rotate, 90-degree turns."""
+    with warnings.catch_warnings():
+        # albumentations 2 suggests Affine instead; ShiftScaleRotate is what the case used
+        warnings.filterwarnings("ignore", message="ShiftScaleRotate is a special case")
+        return _case_train_transforms(size)
+
+
+def _case_train_transforms(size: int) -> A.Compose:
+    return A.Compose([
+        A.Resize(size, size, mask_interpolation=NEAREST),
+        A.Transpose(p=0.5),
+        A.HorizontalFlip(p=0.25),
+        A.VerticalFlip(p=0.25),
+        A.ShiftScaleRotate(p=0.25, border_mode=REFLECT, mask_interpolation=NEAREST),
+        A.RandomRotate90(p=0.25),
+    ])
+
+
+def resize_transforms(size: int) -> A.Compose:
+    """The case's validation transform: resize only."""
+    return A.Compose([A.Resize(size, size, mask_interpolation=NEAREST)])
+
+
+def fullres_train_transforms(size: int) -> A.Compose:
+    """Native-resolution training: random crops, the 8 flips/rotations, mild affine and elastic
+    deformation, brightness/contrast jitter (EM sections vary in staining)."""
+    return A.Compose([
+        A.RandomCrop(size, size),
+        A.D4(p=1.0),
+        A.Affine(scale=(0.9, 1.1), rotate=(-20, 20), translate_percent=(-0.05, 0.05),
+                 border_mode=REFLECT, mask_interpolation=NEAREST, p=0.5),
+        A.ElasticTransform(alpha=30, sigma=6, border_mode=REFLECT, mask_interpolation=NEAREST, p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+    ])
+
+
+def train_transforms(recipe: Recipe) -> A.Compose:
+    """The training augmentation the recipe names."""
+    if recipe.augmentation == "case":
+        return case_train_transforms(recipe.image_size)
+    if recipe.augmentation == "fullres":
+        return fullres_train_transforms(recipe.image_size)
+    if recipe.input_mode == "crop":
+        return A.Compose([A.RandomCrop(recipe.image_size, recipe.image_size)])
+    return resize_transforms(recipe.image_size)
+
+
+def read_grey(path: Path | str) -> np.ndarray:
+    """A PNG frame as uint8 [H, W]; a clear error if it cannot be read."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError(f"{path}: cannot be read as an image")
+    return img
+
+
+def to_network_input(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """uint8 [H, W] -> float32 [C, H, W] in [0, 1], the grey frame repeated ``in_channels`` times."""
+    x = image.astype(np.float32) / 255.0
+    return np.repeat(x[None], in_channels, axis=0)
+
+
+class SegmentationSource:
+    """Random-access source for ``GeneratorDataset``: (image [C,H,W], mask [1,H,W]) float32.
+
+    Frames are read once into memory (ISBI is 30 frames of 512x512). ``length`` lets a crop
+    recipe draw more samples per epoch than there are frames; sample ``i`` uses frame
+    ``i % len(pairs)``.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: A.Compose, in_channels: int,
+                 length: int | None = None) -> None:
+        if not pairs:
+            raise ValueError("no (image, mask) pairs given")
+        self.images = [read_grey(img) for img, _ in pairs]
+        self.masks = [(read_grey(msk) > 127).astype(np.uint8) for _, msk in pairs]
+        self.transform = transform
+        self.in_channels = in_channels
+        self.length = length or len(pairs)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        k = index % len(self.images)
+        out = self.transform(image=self.images[k], mask=self.masks[k])
+        image = to_network_input(out["image"], self.in_channels)
+        mask = out["mask"].astype(np.float32)[None]
+        return image, mask
+
+
+def create_dataset(source: SegmentationSource, batch_size: int, shuffle: bool, num_workers: int = 1,
+                   drop_remainder: bool = False, seed: int | None = None):
+    """A batched ``mindspore.dataset.GeneratorDataset`` over ``source`` with ``num_workers``
+    parallel workers, so that augmentation overlaps the training step."""
+    import mindspore.dataset as ds
+
+    if seed is not None:
+        ds.config.set_seed(seed)
+    dataset = ds.GeneratorDataset(source, column_names=["image", "mask"], shuffle=shuffle,
+                                  num_parallel_workers=num_workers, python_multiprocessing=False)
+    return dataset.batch(batch_size, drop_remainder=drop_remainder)

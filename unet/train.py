@@ -1,0 +1,183 @@
+"""Training: BCE (or BCE + membrane Dice) on logits, Adam, per-epoch evaluation on train and val,
+``best.ckpt`` by val IoU, ``last.ckpt`` for resuming, and a per-epoch ``history.csv``.
+
+Output folder after ``train(...)``::
+
+    best.ckpt      network weights of the epoch with the best val IoU (what inference loads)
+    last.ckpt      network + optimizer state after the last finished epoch (for resuming)
+    last.json      {"epoch": k, "best_epoch": ..., "best_val_iou": ...} written with last.ckpt
+    history.csv    one row per epoch: loss, the case's five metrics on train and val, seconds
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import unet  # noqa: F401  (sets the oneDNN ISA cap before mindspore loads)
+
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as ops
+import numpy as np
+import pandas as pd
+
+from unet.data import SegmentationSource, create_dataset, resize_transforms, train_transforms
+from unet.metrics import CASE_METRICS, CaseMetrics
+from unet.model import UNet
+from unet.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+Pairs = Sequence[tuple[Path, Path]]
+HISTORY_COLUMNS = (
+    ["epoch", "loss"] + [f"train_{m}" for m in CASE_METRICS] + [f"val_{m}" for m in CASE_METRICS]
+    + ["lr", "train_seconds", "eval_seconds", "seconds"]
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: Path
+    best_epoch: int
+    best_val_iou: float
+    epochs_run: int  # epochs trained by this call (less than recipe.epochs after a resume)
+
+
+class MembraneDiceBCELoss(nn.Cell):
+    """BCE with logits + (1 - soft Dice of the membrane class), membrane = 1 - cell probability.
+
+    The membrane is the 22 % minority class whose thin lines decide the segmentation; BCE alone
+    lets the network blur them. Dice = (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) over the batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def construct(self, logits, target):
+        membrane_p = 1.0 - ops.sigmoid(logits)
+        membrane_t = 1.0 - target
+        inter = (membrane_p * membrane_t).sum()
+        dice = (2.0 * inter + 1.0) / (membrane_p.sum() + membrane_t.sum() + 1.0)
+        return self.bce(logits, target) + (1.0 - dice)
+
+
+def make_loss(recipe: Recipe) -> nn.Cell:
+    return MembraneDiceBCELoss() if recipe.loss == "bce_dice" else nn.BCEWithLogitsLoss()
+
+
+def learning_rates(recipe: Recipe, steps_per_epoch: int) -> list[float] | float:
+    """Per-step learning rates: constant (the case) or cosine decay to 1 % over all steps."""
+    if recipe.lr_schedule == "constant":
+        return recipe.learning_rate
+    total = recipe.epochs * steps_per_epoch
+    low = recipe.learning_rate * 0.01
+    return [low + 0.5 * (recipe.learning_rate - low) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+
+
+def evaluate_case_metrics(net: UNet, source: SegmentationSource, batch_size: int) -> dict[str, float]:
+    """The case's five metrics (per-image means) of ``net`` on ``source`` (no augmentation)."""
+    net.set_train(False)
+    metric = CaseMetrics()
+    for start in range(0, len(source), batch_size):
+        batch = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+        images = ms.Tensor(np.stack([b[0] for b in batch]))
+        masks = np.stack([b[1] for b in batch])
+        metric.update(ops.sigmoid(net(images)), masks)
+    return metric.eval()
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    # keep the suffix last: mindspore.save_checkpoint appends ".ckpt" to any other name
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_last(out_dir: Path, train_cell: nn.Cell, state: dict) -> None:
+    """last.ckpt then last.json, each replaced atomically: last.json names a finished checkpoint."""
+    _write_atomic(out_dir / "last.ckpt", lambda p: ms.save_checkpoint(train_cell, str(p)))
+    _write_atomic(out_dir / "last.json", lambda p: p.write_text(json.dumps(state)))
+
+
+def _resume_state(out_dir: Path, train_cell: nn.Cell) -> tuple[dict, list[dict]]:
+    """Load last.ckpt into ``train_cell``; the saved state and the history rows up to that epoch."""
+    state = json.loads((out_dir / "last.json").read_text())
+    ms.load_param_into_net(train_cell, ms.load_checkpoint(str(out_dir / "last.ckpt")))
+    rows: list[dict] = []
+    if (out_dir / "history.csv").exists():
+        rows = pd.read_csv(out_dir / "history.csv").to_dict("records")
+    rows = [r for r in rows if int(r["epoch"]) <= state["epoch"]]
+    return state, rows
+
+
+def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | str, *,
+          resume: bool = True, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a UNet by ``recipe`` on (image, mask) PNG pairs; write checkpoints and history to
+    ``out_dir``. With ``resume`` and a ``last.json`` in ``out_dir``, continue after its epoch.
+    ``on_epoch`` is called with each epoch's history row (for progress reporting)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_seed(recipe.seed)
+
+    steps = recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size)
+    train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
+                                      length=steps * recipe.batch_size)
+    eval_size = recipe.image_size
+    eval_train = SegmentationSource(train_pairs, resize_transforms(eval_size), recipe.in_channels)
+    eval_val = SegmentationSource(val_pairs, resize_transforms(eval_size), recipe.in_channels)
+    dataset = create_dataset(train_source, recipe.batch_size, shuffle=True, num_workers=recipe.num_workers,
+                             drop_remainder=True, seed=recipe.seed)
+
+    net = UNet(recipe.in_channels, recipe.base_channels)
+    lrs = learning_rates(recipe, steps)
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=lrs, weight_decay=recipe.weight_decay)
+    train_cell = nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(recipe)), optimizer)
+
+    state = {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0}
+    rows: list[dict] = []
+    if resume and (out_dir / "last.json").exists():
+        state, rows = _resume_state(out_dir, train_cell)
+        log.info("resuming from %s after epoch %d", out_dir / "last.ckpt", state["epoch"])
+    start_epoch = state["epoch"] + 1
+
+    for epoch in range(start_epoch, recipe.epochs + 1):
+        t0 = time.perf_counter()
+        train_cell.set_train(True)
+        losses = [float(train_cell(img, msk).asnumpy())
+                  for img, msk in dataset.create_tuple_iterator(num_epochs=1)]
+        t1 = time.perf_counter()
+        train_m = evaluate_case_metrics(net, eval_train, recipe.val_batch_size)
+        val_m = evaluate_case_metrics(net, eval_val, recipe.val_batch_size)
+        t2 = time.perf_counter()
+        lr = lrs if isinstance(lrs, float) else lrs[min(epoch * steps, len(lrs)) - 1]
+        row = {"epoch": epoch, "loss": float(np.mean(losses)),
+               **{f"train_{k}": v for k, v in train_m.items()},
+               **{f"val_{k}": v for k, v in val_m.items()},
+               "lr": lr, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "seconds": t2 - t0}
+        rows.append(row)
+        if val_m["iou"] > state["best_val_iou"]:
+            state.update(best_epoch=epoch, best_val_iou=val_m["iou"])
+            _write_atomic(out_dir / "best.ckpt", lambda p: ms.save_checkpoint(net, str(p)))
+        state["epoch"] = epoch
+        _write_atomic(out_dir / "history.csv",
+                      lambda p: pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(p, index=False))
+        _save_last(out_dir, train_cell, state)
+        log.info("epoch %d/%d loss %.4f train IoU %.4f val Acc %.4f IoU %.4f Dice %.4f (%.1f s + eval %.1f s)",
+                 epoch, recipe.epochs, row["loss"], train_m["iou"], val_m["acc"], val_m["iou"],
+                 val_m["dice"], t1 - t0, t2 - t1)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", out_dir / "history.csv",
+                       int(state["best_epoch"]), float(state["best_val_iou"]),
+                       recipe.epochs - start_epoch + 1)

@@ -1,0 +1,64 @@
+"""Figures a person would rather look at than read: training curves and val examples."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from unet.data import read_grey
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history_csv: Path | str, out_png: Path | str) -> Path:
+    """Loss and train/val IoU per epoch, with the best val epoch marked."""
+    plt = _pyplot()
+    h = pd.read_csv(history_csv)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(h["epoch"], h["loss"], color="tab:red")
+    ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax2.plot(h["epoch"], h["train_iou"], label="train IoU")
+    ax2.plot(h["epoch"], h["val_iou"], label="val IoU")
+    best = h.loc[h["val_iou"].idxmax()]
+    ax2.axvline(best["epoch"], color="grey", ls=":", label=f"best val {best['val_iou']:.3f} (epoch {int(best['epoch'])})")
+    ax2.set(xlabel="epoch", ylabel="IoU (cell class)", title="IoU at the training size")
+    ax2.legend(loc="lower right", fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_examples(images: Sequence[Path], masks: Sequence[Path], cell_prob: np.ndarray,
+                  out_png: Path | str, n: int = 3, threshold: float = 0.5) -> Path:
+    """Rows of frame / ground truth / prediction / errors (red: missed membrane, blue: extra)."""
+    plt = _pyplot()
+    n = min(n, len(images))
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
+    for row in range(n):
+        frame = read_grey(images[row])
+        truth = read_grey(masks[row]) > 127
+        pred = cell_prob[row] >= threshold
+        errors = np.zeros(truth.shape + (3,), np.float32) + 1.0
+        errors[truth & ~pred] = (0.2, 0.4, 1.0)   # predicted membrane where there is cell: extra
+        errors[~truth & pred] = (1.0, 0.2, 0.2)   # predicted cell where there is membrane: missed
+        for ax, img, title in zip(axes[row], (frame, truth, pred, errors),
+                                  (Path(images[row]).name, "ground truth", "prediction", "errors")):
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return Path(out_png)
