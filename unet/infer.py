@@ -38,11 +38,14 @@ def load_model(checkpoint: Path | str, recipe: Recipe) -> UNet:
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
     ms.set_context(mode=ms.GRAPH_MODE)
     net = UNet(recipe.in_channels, recipe.base_channels)
-    missing, _ = ms.load_param_into_net(net, ms.load_checkpoint(str(checkpoint)), strict_load=True)
+    mismatch = (f"{checkpoint}: does not match the recipe {recipe.name!r} "
+                f"(in_channels={recipe.in_channels}, base_channels={recipe.base_channels})")
+    try:
+        missing, _ = ms.load_param_into_net(net, ms.load_checkpoint(str(checkpoint)), strict_load=True)
+    except RuntimeError as exc:  # mindspore reports a shape mismatch as RuntimeError
+        raise ValueError(f"{mismatch}: {str(exc).splitlines()[0]}") from None
     if missing:
-        raise ValueError(f"{checkpoint}: does not match the recipe {recipe.name!r} "
-                         f"(in_channels={recipe.in_channels}, base_channels={recipe.base_channels}); "
-                         f"missing {len(missing)} parameters such as {missing[0]}")
+        raise ValueError(f"{mismatch}: missing {len(missing)} parameters such as {missing[0]}")
     net.set_train(False)
     return net
 
@@ -160,7 +163,8 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
             on_frame(i + 1, len(images))
     tiff = out_dir / "probabilities.tif"
     tmp = out_dir / "probabilities.tmp.tif"
-    tifffile.imwrite(tmp, np.stack(probs).astype(np.float32))
+    # one grey page per frame (without photometric, a 3-frame stack would be stored as RGB)
+    tifffile.imwrite(tmp, np.stack(probs).astype(np.float32), photometric="minisblack")
     os.replace(tmp, tiff)
     log.info("predicted %d frames into %s", len(probs), out_dir)
     return PredictionOutputs(masks_dir, tiff, overlays_dir, len(probs))
