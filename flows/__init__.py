@@ -1,0 +1,1 @@
+"""Prefect flows: they order the stage tasks and declare parameters, nothing more."""

@@ -1,0 +1,31 @@
+"""Stage 3: check the split and write the dataset manifest (dataset.json) that training reads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.stage import StagePolicy, run_stage
+
+POLICY = StagePolicy(stage="datasets", code=("tasks/datasets.py", "tasks/stage.py", "unet/dataset_check.py",
+                                             "unet/data.py"))
+
+
+@task(name="build_datasets", cache_policy=POLICY)
+def build_datasets(split: dict, image_size: int, input_mode: str, in_channels: int, augmentation: str,
+                   work_dir: str, refresh: bool = False) -> dict:
+    """Pairs, counts and frame shapes of train/val/test, checked against the recipe's input."""
+    from unet.dataset_check import describe_split
+
+    def build(folder):
+        spec = describe_split(Path(split["output"]), image_size=image_size, input_mode=input_mode,
+                              in_channels=in_channels, augmentation=augmentation)
+        (folder / "dataset.json").write_text(json.dumps(spec, indent=2))
+        get_run_logger().info("datasets: %d train / %d val / %d test frames of %s, network input %s",
+                              len(spec["train"]), len(spec["val"]), len(spec["test"]),
+                              spec["frame_shape"], spec["network_input"])
+        return {"dataset_json": "dataset.json", "split_dir": split["output"], "frame_shape": spec["frame_shape"],
+                "counts": {s: len(spec[s]) for s in ("train", "val", "test")}}
+
+    return run_stage(POLICY, build)

@@ -1,0 +1,57 @@
+"""Stage 5: metrics of the best checkpoint — the case's five at the training size on train and
+val, and native-size val predictions scored for both classes and with V_rand / V_info."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.stage import StagePolicy, run_stage
+from tasks.train import dataset_pairs
+
+POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.py", "unet/evaluate.py",
+                                             "unet/infer.py", "unet/metrics.py", "unet/model.py",
+                                             "unet/data.py", "unet/viz.py"))
+
+
+@task(name="evaluate", cache_policy=POLICY)
+def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
+    """Write metrics.json, val predictions at native size (val/masks, val/probabilities.tif,
+    val/overlays) and figures (history.png, val_examples.png)."""
+    from unet.data import SegmentationSource, resize_transforms
+    from unet.evaluate import native_scores, read_masks
+    from unet.infer import load_model, predict_files
+    from unet.recipes import Recipe
+    from unet.train import evaluate_case_metrics
+    from unet.viz import plot_examples, plot_history
+
+    config = Recipe.from_dict(recipe)
+    logger = get_run_logger()
+
+    def build(folder):
+        net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
+        train_pairs, val_pairs = dataset_pairs(datasets, "train"), dataset_pairs(datasets, "val")
+        sources = {name: SegmentationSource(pairs, resize_transforms(config.image_size), config.in_channels)
+                   for name, pairs in (("train", train_pairs), ("val", val_pairs))}
+        metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
+        preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta)
+        import tifffile
+        probs = tifffile.imread(preds.probabilities)
+        if probs.ndim == 2:
+            probs = probs[None]
+        metrics["val_native"] = native_scores(probs, read_masks([m for _, m in val_pairs]))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_history(Path(model["output"]) / model["history"], folder / "history.png")
+        plot_examples([img for img, _ in val_pairs], [m for _, m in val_pairs], probs, folder / "val_examples.png")
+        for name, m in metrics.items():
+            logger.info("%-10s acc %.4f iou %.4f dice %.4f sens %.4f spec %.4f", name, m["acc"], m["iou"],
+                        m["dice"], m["sens"], m["spec"])
+        native = metrics["val_native"]
+        logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f", native["membrane_dice"],
+                    native["membrane_iou"], native["v_rand"], native["v_info"])
+        return {"metrics": metrics, "metrics_json": "metrics.json", "val_predictions": "val/masks",
+                "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
+                "history_png": "history.png", "examples_png": "val_examples.png"}
+
+    return run_stage(POLICY, build)

@@ -1,0 +1,182 @@
+"""What every stage shares: content-based cache keys, stage folders written through a ``.partial``
+folder renamed into place, a manifest per folder, and a per-stage lock.
+
+A stage's **key** hashes (1) the content of its input files, (2) the keys of the upstream stages
+it reads (each upstream folder is itself named by its key, so this chains content all the way
+from the TIFFs), (3) its parameters, and (4) the source of the code it runs: its task module and
+the ``unet/`` modules it uses. The output folder is ``<work_dir>/<stage>/<key>``; Prefect's cache
+key is the same key plus the work directory, so two work directories never share results.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from prefect.cache_policies import CachePolicy
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = "manifest.json"
+NOT_KEYED = ("work_dir", "refresh")  # inputs that do not change what a stage computes
+PACKAGES = ("mindspore", "albumentations", "opencv-python-headless", "numpy", "scikit-image", "prefect")
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file's content; a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version(modules: tuple[str, ...]) -> str:
+    """sha256 over the source of ``modules`` (paths relative to the repository)."""
+    h = hashlib.sha256()
+    for rel in sorted(modules):
+        h.update(rel.encode())
+        h.update((REPO / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(name: str, value: Any, files: tuple[str, ...]) -> Any:
+    if name in files:
+        return file_digest(value)
+    if isinstance(value, dict) and "stage" in value and "key" in value:
+        return f"{value['stage']}:{value['key']}"  # an upstream stage's result
+    return value
+
+
+@dataclass
+class StagePolicy(CachePolicy):
+    """Prefect cache policy of one stage: see the module docstring."""
+
+    stage: str = ""
+    code: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # inputs that are paths of files to hash by content
+
+    def content_key(self, inputs: dict[str, Any]) -> str:
+        keyed = {k: _fingerprint(k, v, self.files) for k, v in sorted(inputs.items()) if k not in NOT_KEYED}
+        payload = json.dumps({"stage": self.stage, "code": code_version(self.code), "inputs": keyed},
+                             sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        work_dir = str(Path(inputs["work_dir"]).resolve())
+        where = hashlib.sha256(work_dir.encode()).hexdigest()[:8]
+        return f"{self.stage}-{self.content_key(inputs)}-{where}"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock: a second run on the same stage and key waits here."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _manifest(policy: StagePolicy, key: str, inputs: dict[str, Any], result: dict, seconds: float) -> dict:
+    return {
+        "stage": policy.stage,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+        "code_version": code_version(policy.code),
+        "code": list(policy.code),
+        "inputs": {k: _fingerprint(k, v, policy.files) for k, v in inputs.items() if k not in NOT_KEYED},
+        "python": platform.python_version(),
+        "packages": {p: version(p) for p in PACKAGES},
+        "host": platform.node(),
+        "result": result,
+    }
+
+
+def is_finished(folder: Path | str) -> bool:
+    """A stage folder is finished when its manifest exists (written last, before the rename)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def current_inputs() -> dict[str, Any]:
+    """The parameters of the running task (what its cache key was computed from)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is None:
+        raise RuntimeError("current_inputs() must be called inside a Prefect task run")
+    return dict(ctx.parameters)
+
+
+def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[str, Any] | None = None,
+              *, resumable: bool = False) -> dict:
+    """Run ``build(folder)`` for the stage unless its finished folder exists, and return
+    ``{"stage", "key", "output", **result}`` where ``result`` is what ``build`` returned (paths
+    in it relative to the folder). ``build`` writes into ``<key>.partial``, which becomes
+    ``<key>`` only after the manifest is written; a resumable stage keeps a partial folder left
+    by a killed run and continues from it, any other stage starts it afresh. ``inputs`` default
+    to the running task's parameters."""
+    inputs = current_inputs() if inputs is None else inputs
+    work_dir = Path(inputs["work_dir"]).resolve()
+    key = policy.content_key(inputs)
+    final = work_dir / policy.stage / key
+    partial = final.with_name(key + ".partial")
+    with _locked(work_dir / ".locks" / f"{policy.stage}-{key}.lock"):
+        if is_finished(final) and not inputs.get("refresh"):
+            result = json.loads((final / MANIFEST).read_text())["result"]
+        else:
+            if partial.exists() and not resumable:
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = build(partial)
+            manifest = _manifest(policy, key, inputs, result, time.perf_counter() - t0)
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            _replace_dir(partial, final)
+    return {"stage": policy.stage, "key": key, "output": str(final), **result}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` (a refresh) is moved aside first."""
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def outputs_exist(result: dict) -> bool:
+    """Whether a (possibly cached) stage result still points at a finished folder."""
+    return isinstance(result, dict) and "output" in result and is_finished(result["output"])
+
+
+def call_stage(task_fn, *, refresh: bool = False, **kwargs) -> tuple[str, float, dict]:
+    """Run a stage task and return (state name, seconds, result).
+
+    A Prefect cache hit whose stage folder was deleted since is run again (only that stage), and
+    ``refresh`` recomputes the stage even when its cache record and folder exist."""
+    t0 = time.perf_counter()
+    task_fn = task_fn.with_options(refresh_cache=True) if refresh else task_fn
+    state = task_fn(refresh=refresh, return_state=True, **kwargs)
+    result = state.result()
+    if state.name == "Cached" and not outputs_exist(result):
+        state = task_fn.with_options(refresh_cache=True)(refresh=refresh, return_state=True, **kwargs)
+        result = state.result()
+    return state.name, time.perf_counter() - t0, result
