@@ -115,10 +115,10 @@ def format_console(summary: dict) -> str:
     """A short human summary for the end of the run."""
     lines = [f"\nRun {summary['run']}: stages " +
              ", ".join(f"{k} {v['state']} ({v['seconds']:.1f} s)" for k, v in summary["stages"].items()),
-             f"{'':28}" + "".join(f"{k:>8}" for k in FIVE + ("mem_dice", "v_rand"))]
+             f"{'':28}" + "".join(f"{k:>10}" for k in FIVE + ("mem_dice", "v_rand"))]
     for row in metrics_rows(summary["metrics"]):
         vals = [row[k] for k in FIVE] + [row["membrane_dice"], row["v_rand"]]
-        lines.append(f"{row['set']:28}" + "".join(f"{v:>8.4f}" if v != "" else f"{'':>8}" for v in vals))
+        lines.append(f"{row['set']:28}" + "".join(f"{v:>10.4f}" if v != "" else f"{'':>10}" for v in vals))
     out = summary["outputs"]
     lines += [f"checkpoint        {out['checkpoint']}", f"test masks        {out['test_masks']}",
               f"test probability  {out['test_probabilities']}", f"val examples      {out['val_examples']}"]

@@ -1,0 +1,128 @@
+"""End to end on the real ISBI volumes with the smoke preset: what runs, what is Cached."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["extract", "split", "datasets", "train", "evaluate", "predict"]
+
+
+def states(summary):
+    return {name: summary["stages"][name]["state"] for name in STAGES}
+
+
+def only(*ran):
+    return {name: ("Completed" if name in ran else "Cached") for name in STAGES}
+
+
+@pytest.fixture(scope="module")
+def data_dir(isbi_dir, tmp_path_factory):
+    """The real volumes, linked (never copied into the repo) into a folder the tests own."""
+    d = tmp_path_factory.mktemp("isbi")
+    for name in ("train-volume.tif", "train-labels.tif", "test-volume.tif"):
+        (d / name).symlink_to(isbi_dir / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipeline(prefect_env):
+    from flows.full_pipeline import full_pipeline
+
+    def run(data_dir, work_dir, **kw):
+        return full_pipeline(data_dir=str(data_dir), work_dir=str(work_dir), preset="smoke", **kw)
+    return run
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline, data_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    return work, pipeline(data_dir, work)
+
+
+def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
+    work, summary = first_run
+    assert states(summary) == only(*STAGES)
+    on_disk = json.loads((work / "runs" / "latest" / "summary.json").read_text())
+    assert on_disk["stages"] == summary["stages"]
+    for subset in ("train", "val", "val_native"):
+        assert {"acc", "iou", "dice", "sens", "spec"} <= set(summary["metrics"][subset])
+    assert {"membrane_dice", "v_rand", "v_info"} <= set(summary["metrics"]["val_native"])
+    out = summary["outputs"]
+    assert len(list(Path(out["val_predictions"]).glob("*.png"))) == 10
+    assert sorted(p.name for p in Path(out["val_predictions"]).glob("*.png"))[:2] == ["00000.png", "00003.png"]
+    assert len(list(Path(out["test_masks"]).glob("*.png"))) == 30
+    assert Path(out["checkpoint"]).is_file() and Path(out["test_probabilities"]).is_file()
+
+
+def test_second_run_is_all_cached(pipeline, data_dir, first_run):
+    work, first = first_run
+    again = pipeline(data_dir, work)
+    assert states(again) == only()
+    assert again["metrics"] == first["metrics"]
+    assert sum(s["seconds"] for s in again["stages"].values()) < 15
+
+
+def test_artifacts_are_readable_through_the_client(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["unet-metrics", "unet-training-history", "unet-report"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == set(keys)
+    rows = json.loads(by_key["unet-metrics"].data)
+    assert any(r["set"] == "val (case, published)" and r["iou"] == 0.9 for r in rows)
+    assert "Metrics" in by_key["unet-report"].data
+
+
+def test_changing_epochs_reruns_training_and_downstream_only(pipeline, data_dir, first_run):
+    work, _ = first_run
+    summary = pipeline(data_dir, work, epochs=2)
+    assert states(summary) == only("train", "evaluate", "predict")
+
+
+def test_deleted_prediction_folder_reruns_only_predict(pipeline, data_dir, first_run):
+    work, first = first_run
+    shutil.rmtree(first["stages"]["predict"]["output"])
+    summary = pipeline(data_dir, work)
+    assert states(summary) == only("predict")
+    assert len(list(Path(summary["outputs"]["test_masks"]).glob("*.png"))) == 30
+
+
+def test_refresh_reruns_everything(pipeline, data_dir, first_run):
+    work, _ = first_run
+    assert states(pipeline(data_dir, work, refresh=True)) == only(*STAGES)
+
+
+def test_one_changed_byte_of_the_volume_reruns_everything(pipeline, data_dir, first_run, tmp_path):
+    work, _ = first_run
+    changed = tmp_path / "data"
+    changed.mkdir()
+    for name in ("train-labels.tif", "test-volume.tif"):
+        (changed / name).symlink_to(data_dir / name)
+    raw = bytearray((data_dir / "train-volume.tif").read_bytes())
+    raw[-1] ^= 0xFF  # last pixel of the last frame
+    (changed / "train-volume.tif").write_bytes(bytes(raw))
+    assert states(pipeline(changed, work)) == only(*STAGES)
+
+
+def test_cli_second_run_reports_all_cached(data_dir, tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "home" / "storage")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, str(REPO / "flows" / "full_pipeline.py"), "--data-dir", str(data_dir),
+           "--work-dir", str(tmp_path / "w"), "--preset", "smoke"]
+    for _ in range(2):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "w" / "runs" / "latest" / "summary.json").read_text())
+    assert states(summary) == only()
+    assert "test masks" in done.stdout
