@@ -24,6 +24,7 @@ from tasks.datasets import build_datasets  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.extract import extract_frames  # noqa: E402
 from tasks.predict import predict_test  # noqa: E402
+from tasks.promote import promote_champion, read_champion  # noqa: E402
 from tasks.report import build_summary, format_console, publish_artifacts, write_summary  # noqa: E402
 from tasks.split import split_dataset  # noqa: E402
 from tasks.stage import call_stage  # noqa: E402
@@ -50,12 +51,13 @@ def volume_paths(data_dir: str) -> dict[str, str]:
             "test_volume": str(folder / VOLUMES[2])}
 
 
-@flow(name="full-pipeline", log_prints=True)
+@flow(name="full-pipeline")
 def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", preset: str = "seed",
                   epochs: int | None = None, batch_size: int | None = None, base_channels: int | None = None,
                   learning_rate: float | None = None, tta: bool | None = None, seed: int | None = None,
                   split: str = "every_third", split_seed: int = 0, refresh: bool = False) -> dict:
-    """Extract, split, build datasets, train, evaluate and predict; returns the run summary."""
+    """Extract, split, build datasets, train, evaluate, keep the better of the new model and the
+    champion, and predict the test frames with the champion; returns the run summary."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, base_channels=base_channels,
                             learning_rate=learning_rate, tta=tta, seed=seed)
     work = str(Path(work_dir).resolve())
@@ -72,14 +74,21 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
     model = stages["train"][2]
     stages["evaluate"] = call_stage(evaluate, refresh=refresh, datasets=datasets, model=model, recipe=recipe,
                                     work_dir=work)
-    stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets, model=model, recipe=recipe,
+    champion = read_champion(work)
+    champion_evaluation = None
+    if champion is not None and champion["model"]["key"] != model["key"]:
+        champion_evaluation = call_stage(evaluate, datasets=datasets, model=champion["model"],
+                                         recipe=champion["recipe"], work_dir=work)[2]
+    run_name = runtime.flow_run.name or "local"
+    decision = promote_champion(work, model, recipe, stages["evaluate"][2], champion, champion_evaluation, run_name)
+    stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets,
+                                   model=decision["champion"]["model"], recipe=decision["champion"]["recipe"],
                                    work_dir=work)
     parameters = {"data_dir": str(Path(data_dir).resolve()), "work_dir": work, "preset": preset,
                   "split": split, "split_seed": split_seed, "recipe": recipe}
-    summary = build_summary(runtime.flow_run.name or "local", parameters, stages)
+    summary = build_summary(run_name, parameters, stages, decision)
     write_summary(work, summary)
     publish_artifacts(summary)
-    print(format_console(summary))
     return summary
 
 
@@ -117,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                        base_channels=args.base_channels, learning_rate=args.learning_rate, tta=args.tta,
                        seed=args.seed)
         volume_paths(args.data_dir)
-        full_pipeline(**params)
+        summary = full_pipeline(**params)
     except (ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(format_console(summary))
     return 0
 
 

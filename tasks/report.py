@@ -22,9 +22,12 @@ def _abs(result: dict, name: str) -> str:
     return str(Path(result["output"]) / result[name])
 
 
-def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, float, dict]]) -> dict:
-    """The summary.json document: per-stage state, seconds and folder; metrics; output paths."""
+def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, float, dict]],
+                  decision: dict) -> dict:
+    """The summary.json document: per-stage state, seconds and folder; metrics of the model this
+    run trained; the champion decision; output paths (test predictions come from the champion)."""
     model, evaluation, prediction = stages["train"][2], stages["evaluate"][2], stages["predict"][2]
+    champion = decision["champion"]
     return {
         "run": run_name,
         "parameters": parameters,
@@ -32,6 +35,9 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
                    for name, (state, seconds, result) in stages.items()},
         "metrics": evaluation["metrics"],
         "best_epoch": model["best_epoch"],
+        "champion": {"decision": decision["decision"], "new_val_iou": decision["new_val_iou"],
+                     "previous_val_iou": decision["champion_val_iou"],
+                     "checkpoint": _abs(champion["model"], "best_checkpoint"), "run": champion.get("run")},
         "outputs": {
             "checkpoint": _abs(model, "best_checkpoint"),
             "history": _abs(model, "history"),
@@ -101,7 +107,8 @@ def report_markdown(summary: dict) -> str:
     return "\n\n".join([
         f"# UNet on ISBI 2012 — run `{summary['run']}`",
         f"**Data** `{p['data_dir']}` · **recipe** `{p['preset']}` · **work dir** `{p['work_dir']}` · "
-        f"**best epoch** {summary['best_epoch']}",
+        f"**best epoch** {summary['best_epoch']} · **champion** {summary['champion']['decision']} "
+        f"(test predictions from `{summary['champion']['checkpoint']}`)",
         "## Metrics\nCell class = the case's positive class (78 % of pixels); the membrane columns "
         "score the minority class, V_rand / V_info are the ISBI 2012 segmentation scores.",
         _table(metrics_rows(summary["metrics"])),
@@ -120,6 +127,9 @@ def format_console(summary: dict) -> str:
         vals = [row[k] for k in FIVE] + [row["membrane_dice"], row["v_rand"]]
         lines.append(f"{row['set']:28}" + "".join(f"{v:>10.4f}" if v != "" else f"{'':>10}" for v in vals))
     out = summary["outputs"]
-    lines += [f"checkpoint        {out['checkpoint']}", f"test masks        {out['test_masks']}",
+    champ = summary["champion"]
+    lines += [f"checkpoint        {out['checkpoint']}",
+              f"champion          {champ['decision']}: {champ['checkpoint']}",
+              f"test masks        {out['test_masks']}",
               f"test probability  {out['test_probabilities']}", f"val examples      {out['val_examples']}"]
     return "\n".join(lines)

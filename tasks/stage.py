@@ -67,10 +67,14 @@ class StagePolicy(CachePolicy):
     stage: str = ""
     code: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # inputs that are paths of files to hash by content
+    code_digest: str = ""  # computed once, when the task module is imported: the code this process runs
+
+    def __post_init__(self) -> None:
+        self.code_digest = code_version(self.code)
 
     def content_key(self, inputs: dict[str, Any]) -> str:
         keyed = {k: _fingerprint(k, v, self.files) for k, v in sorted(inputs.items()) if k not in NOT_KEYED}
-        payload = json.dumps({"stage": self.stage, "code": code_version(self.code), "inputs": keyed},
+        payload = json.dumps({"stage": self.stage, "code": self.code_digest, "inputs": keyed},
                              sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -98,7 +102,7 @@ def _manifest(policy: StagePolicy, key: str, inputs: dict[str, Any], result: dic
         "key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
-        "code_version": code_version(policy.code),
+        "code_version": policy.code_digest,
         "code": list(policy.code),
         "inputs": {k: _fingerprint(k, v, policy.files) for k, v in inputs.items() if k not in NOT_KEYED},
         "python": platform.python_version(),

@@ -1,0 +1,72 @@
+"""Champion model: a newly trained model replaces the current one only if it scores at least as
+well on the same validation frames. Test predictions come from the champion.
+
+The champion lives in ``<work_dir>/champion.json`` (replaced atomically, under a lock): the train
+stage result of the model and its recipe. Both models are scored by the evaluate stage on the
+current val split, so a retrain on new data compares like with like.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.stage import _locked, outputs_exist
+
+SCORE = "iou"  # val IoU (cell class) at native size: comparable across recipes
+
+
+def champion_path(work_dir: str) -> Path:
+    return Path(work_dir) / "champion.json"
+
+
+@task(name="read_champion", cache_policy=NO_CACHE)
+def read_champion(work_dir: str) -> dict | None:
+    """The current champion ({"model", "recipe", ...}), or None when there is none or its
+    checkpoint folder no longer exists."""
+    path = champion_path(work_dir)
+    if not path.is_file():
+        return None
+    champion = json.loads(path.read_text())
+    if not outputs_exist(champion["model"]):
+        get_run_logger().warning("champion %s is gone from disk; the new model takes its place",
+                                 champion["model"]["output"])
+        return None
+    return champion
+
+
+@task(name="promote_champion", cache_policy=NO_CACHE)
+def promote_champion(work_dir: str, model: dict, recipe: dict, evaluation: dict, champion: dict | None,
+                     champion_evaluation: dict | None, run_name: str) -> dict:
+    """Decide, record and report: returns {"decision", "champion": {...}, scores}."""
+    new_score = evaluation["metrics"]["val_native"][SCORE]
+    old_score = None if champion_evaluation is None else champion_evaluation["metrics"]["val_native"][SCORE]
+    same_model = champion is not None and champion["model"]["key"] == model["key"]
+    promote = champion is None or same_model or new_score >= old_score
+    decision = "unchanged" if same_model else ("promoted" if promote else "kept")
+    with _locked(Path(work_dir) / ".locks" / "champion.lock"):
+        if promote and not same_model:
+            record = {"model": model, "recipe": recipe, "val_iou": new_score, "run": run_name,
+                      "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            tmp = champion_path(work_dir).with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, champion_path(work_dir))
+            champion = record
+    get_run_logger().info("champion: %s (new model val IoU %.4f, champion %s)", decision, new_score,
+                          "none" if old_score is None else f"{old_score:.4f}")
+    create_markdown_artifact(
+        "\n".join([f"# Champion decision: **{decision}**", "",
+                   "| model | val IoU (native size, cell) | checkpoint |", "|---|---|---|",
+                   f"| new ({run_name}) | {new_score:.4f} | `{model['output']}` |",
+                   f"| champion before | {'—' if old_score is None else f'{old_score:.4f}'} | "
+                   f"`{'—' if champion_evaluation is None else champion_evaluation['model_output']}` |",
+                   "", f"Test predictions use `{champion['model']['output']}`.",
+                   "Rule: the new model replaces the champion when its val IoU is at least the champion's, "
+                   "both scored on the current val frames."]),
+        key="unet-champion", description="Champion model decision")
+    return {"decision": decision, "champion": champion, "new_val_iou": new_score, "champion_val_iou": old_score}

@@ -1,0 +1,180 @@
+"""unet.split: pairing frames by name, the 2:1 train/val assignment and the case's folder layout."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from unet.frames import extract_volumes
+from unet.split import (MODES, SPLIT_COLUMNS, assign_subsets, pair_by_stem, read_split,
+                        split_dataset)
+
+
+def _numbered_frames(root: Path, n: int, order_seed: int = 0, test: int = 2) -> Path:
+    """images/, masks/, test/ whose pixels all equal the frame number, created in shuffled order."""
+    for sub in ("images", "masks", "test"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    order = list(range(n))
+    random.Random(order_seed).shuffle(order)
+    for i in order:
+        frame = np.full((16, 16), i, np.uint8)
+        cv2.imwrite(str(root / "images" / f"{i:05d}.png"), frame)
+        cv2.imwrite(str(root / "masks" / f"{i:05d}.png"), frame)  # same number as its image
+    for i in range(test):
+        cv2.imwrite(str(root / "test" / f"{i:05d}.png"), np.full((16, 16), 200 + i, np.uint8))
+    return root
+
+
+def _value(path: Path) -> int:
+    """The single grey value of a numbered frame."""
+    frame = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert frame is not None and frame.min() == frame.max()
+    return int(frame[0, 0])
+
+
+@pytest.fixture(scope="module")
+def real_frames(isbi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real ISBI stacks extracted once for this module."""
+    out = tmp_path_factory.mktemp("isbi") / "frames"
+    extract_volumes(isbi_dir / "train-volume.tif", isbi_dir / "train-labels.tif",
+                    isbi_dir / "test-volume.tif", out)
+    return out
+
+
+# --- pairing ----------------------------------------------------------------------------------
+
+def test_pairs_follow_names_not_listing_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = _numbered_frames(tmp_path, 12, order_seed=3)
+    expected = pair_by_stem(frames / "images", frames / "masks")
+    original_iterdir = Path.iterdir
+
+    def shuffled_iterdir(self: Path):
+        items = list(original_iterdir(self))
+        random.Random(str(self)).shuffle(items)  # a different order per folder
+        return iter(items)
+
+    monkeypatch.setattr(Path, "iterdir", shuffled_iterdir)
+    pairs = pair_by_stem(frames / "images", frames / "masks")
+    assert pairs == expected
+    assert [stem for stem, _, _ in pairs] == [f"{i:05d}" for i in range(12)]
+    for stem, image, mask in pairs:
+        assert _value(image) == _value(mask) == int(stem)
+
+
+def test_unmatched_and_empty_folders(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path, 8)
+    (frames / "images" / "00003.png").unlink()
+    for i in (20, 21, 22, 23, 24, 25):
+        cv2.imwrite(str(frames / "images" / f"{i:05d}.png"), np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError) as err:
+        pair_by_stem(frames / "images", frames / "masks")
+    message = str(err.value)
+    assert str(frames / "images") in message and str(frames / "masks") in message
+    assert "only images 6 (00020, 00021, 00022, 00023, 00024, ...)" in message
+    assert "only masks 1 (00003)" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no .png frames"):
+        pair_by_stem(empty, frames / "masks")
+    with pytest.raises(FileNotFoundError, match="folder not found"):
+        pair_by_stem(tmp_path / "missing", frames / "masks")
+
+
+# --- assignment -------------------------------------------------------------------------------
+
+def test_every_third() -> None:
+    ids = [f"{i:05d}" for i in range(30)]
+    subsets = assign_subsets(list(reversed(ids)))
+    val = sorted(i for i, s in subsets.items() if s == "val")
+    assert val == [f"{i:05d}" for i in range(0, 30, 3)]
+    assert list(subsets.values()).count("train") == 20
+
+
+def test_random_is_seeded_and_order_free() -> None:
+    ids = [f"{i:05d}" for i in range(30)]
+    first = assign_subsets(ids, mode="random", seed=4)
+    shuffled = ids[:]
+    random.Random(1).shuffle(shuffled)
+    assert assign_subsets(shuffled, mode="random", seed=4) == first
+    assert list(first.values()).count("val") == 10
+    others = [assign_subsets(ids, mode="random", seed=s) for s in range(5, 9)]
+    assert all(o != first for o in others)
+    assert list(assign_subsets(ids[:4], mode="random").values()).count("val") == 1
+
+
+def test_assignment_errors() -> None:
+    with pytest.raises(ValueError) as err:
+        assign_subsets(["a", "b"])
+    assert str(err.value) == "need at least 3 labelled frames for a 2:1 train/val split, got 2"
+    with pytest.raises(ValueError, match="every_third") as err:
+        assign_subsets(["a", "b", "c"], mode="halves")
+    assert all(mode in str(err.value) for mode in MODES)
+    with pytest.raises(ValueError, match="unique"):
+        assign_subsets(["a", "b", "b", "c"])
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+def test_split_real_frames_every_third(real_frames: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    table = split_dataset(real_frames, out)
+    assert list(table.columns) == SPLIT_COLUMNS
+    counts = table["subset"].value_counts().to_dict()
+    assert counts == {"train": 20, "val": 10, "test": 30}
+    val = table.loc[table["subset"] == "val", "frame_id"].tolist()
+    assert val == [f"{i:05d}" for i in range(0, 30, 3)]
+    assert table.equals(table.sort_values(["subset", "frame_id"]).reset_index(drop=True))
+    for row in table.itertuples():
+        assert (out / row.image).is_file()
+        assert Path(row.image).name == f"{row.frame_id}.png"
+        source = real_frames / ("test" if row.subset == "test" else "images") / f"{row.frame_id}.png"
+        assert (out / row.image).read_bytes() == source.read_bytes()
+        if row.subset == "test":
+            assert row.mask == "" and row.image.startswith("test_imgs/")
+        else:
+            assert row.image.startswith(f"{row.subset}/image/")
+            assert row.mask == f"{row.subset}/mask/{row.frame_id}.png"
+            assert (out / row.mask).read_bytes() == (real_frames / "masks" / Path(row.mask).name).read_bytes()
+    assert len(list((out / "train" / "image").iterdir())) == 20
+    assert len(list((out / "val" / "mask").iterdir())) == 10
+    assert len(list((out / "test_imgs").iterdir())) == 30
+    back = read_split(out)
+    pd.testing.assert_frame_equal(back, table, check_dtype=False)
+    assert back["frame_id"].iloc[0].startswith("0000")
+
+
+def test_split_pairs_stay_together_and_resplit_is_clean(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 9, order_seed=7)
+    out = tmp_path / "split"
+    split_dataset(frames, out, mode="every_third")
+    table = split_dataset(frames, out, mode="random", seed=2)  # over the previous split
+    assert list(read_split(out)["frame_id"]) == list(table["frame_id"])
+    for row in table[table["subset"] != "test"].itertuples():
+        assert _value(out / row.image) == _value(out / row.mask) == int(row.frame_id)
+    for subset in ("train", "val"):
+        on_disk = sorted(p.stem for p in (out / subset / "image").iterdir())
+        assert on_disk == sorted(table.loc[table["subset"] == subset, "frame_id"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert read_split(out).loc[lambda t: t["subset"] == "test", "mask"].tolist() == ["", ""]
+
+
+def test_split_random_same_seed_same_files(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 15)
+    a = split_dataset(frames, tmp_path / "a", mode="random", seed=11)
+    b = split_dataset(frames, tmp_path / "b", mode="random", seed=11)
+    c = split_dataset(frames, tmp_path / "c", mode="random", seed=12)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(c)
+
+
+def test_split_errors(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 2)
+    with pytest.raises(ValueError, match="need at least 3 labelled frames"):
+        split_dataset(frames, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="split.csv: file not found"):
+        read_split(tmp_path)
