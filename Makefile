@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
+# The data: datasets/ISBI/ when it holds the stacks, else the shared copy beside the repo (as on
+# the team's machines and CI); `make run ARGS="--data-dir ..."` overrides either.
+DATA_DIR ?= $(if $(wildcard datasets/ISBI/train-volume.tif),datasets/ISBI,$(if $(wildcard ../shared/data/isbi2012/train-volume.tif),../shared/data/isbi2012,datasets/ISBI))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: run test test-all setup clean-venv
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) flows/full_pipeline.py $(ARGS)
+	$(PY) flows/full_pipeline.py --data-dir $(DATA_DIR) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)

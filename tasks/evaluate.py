@@ -19,7 +19,7 @@ POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.p
 def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
     """Write metrics.json, val predictions at native size (val/masks, val/probabilities.tif,
     val/overlays) and figures (history.png, val_examples.png)."""
-    from unet.data import SegmentationSource, resize_transforms
+    from unet.data import SegmentationSource, eval_transforms
     from unet.evaluate import native_scores, read_masks
     from unet.infer import load_model, predict_files
     from unet.recipes import Recipe
@@ -32,7 +32,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: 
     def build(folder):
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
         train_pairs, val_pairs = dataset_pairs(datasets, "train"), dataset_pairs(datasets, "val")
-        sources = {name: SegmentationSource(pairs, resize_transforms(config.image_size), config.in_channels)
+        sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels)
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
         metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
         preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta)

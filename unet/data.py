@@ -44,6 +44,19 @@ def resize_transforms(size: int) -> A.Compose:
     return A.Compose([A.Resize(size, size, mask_interpolation=NEAREST)])
 
 
+def center_crop_transforms(size: int) -> A.Compose:
+    """Evaluation at the training size of a crop recipe: the central crop of the frame."""
+    return A.Compose([A.CenterCrop(size, size)])
+
+
+def eval_transforms(recipe: Recipe) -> A.Compose:
+    """What "metrics at the training size" see: the resized frame (resize recipes, the case) or
+    its central crop (crop recipes; their native-size scores come from whole-frame inference)."""
+    if recipe.input_mode == "crop":
+        return center_crop_transforms(recipe.image_size)
+    return resize_transforms(recipe.image_size)
+
+
 def fullres_train_transforms(size: int) -> A.Compose:
     """Native-resolution training: random crops, the 8 flips/rotations, mild affine and elastic
     deformation, brightness/contrast jitter (EM sections vary in staining)."""
