@@ -12,7 +12,7 @@ from tasks.train import dataset_pairs
 
 POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.py", "unet/evaluate.py",
                                              "unet/infer.py", "unet/metrics.py", "unet/model.py",
-                                             "unet/data.py", "unet/viz.py"))
+                                             "unet/data.py", "unet/viz.py", "unet/train.py", "unet/distributed.py"))
 
 
 @task(name="evaluate", cache_policy=POLICY)

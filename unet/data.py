@@ -125,13 +125,17 @@ class SegmentationSource:
 
 
 def create_dataset(source: SegmentationSource, batch_size: int, shuffle: bool, num_workers: int = 1,
-                   drop_remainder: bool = False, seed: int | None = None):
+                   drop_remainder: bool = False, seed: int | None = None, *,
+                   num_shards: int | None = None, shard_id: int | None = None):
     """A batched ``mindspore.dataset.GeneratorDataset`` over ``source`` with ``num_workers``
-    parallel workers, so that augmentation overlaps the training step."""
+    parallel workers, so that augmentation overlaps the training step. With ``num_shards``, the
+    ``shard_id``-th of that many disjoint parts of ``source`` (data-parallel ranks; with the same
+    ``seed`` on every rank the shuffled parts stay disjoint)."""
     import mindspore.dataset as ds
 
     if seed is not None:
         ds.config.set_seed(seed)
+    shards = {} if num_shards is None or num_shards == 1 else {"num_shards": num_shards, "shard_id": shard_id}
     dataset = ds.GeneratorDataset(source, column_names=["image", "mask"], shuffle=shuffle,
-                                  num_parallel_workers=num_workers, python_multiprocessing=False)
+                                  num_parallel_workers=num_workers, python_multiprocessing=False, **shards)
     return dataset.batch(batch_size, drop_remainder=drop_remainder)

@@ -7,6 +7,13 @@ Output folder after ``train(...)``::
     last.ckpt      network + optimizer state after the last finished epoch (for resuming)
     last.json      {"epoch": k, "best_epoch": ..., "best_val_iou": ...} written with last.ckpt
     history.csv    one row per epoch: loss, the case's five metrics on train and val, seconds
+
+Data-parallel (``group`` from :func:`unet.distributed.init_data_parallel`, ranks started by msrun):
+each rank trains on its shard of every epoch's samples with the gradients averaged over the ranks
+(effective batch ``size * batch_size``, ``ceil(steps / size)`` steps per epoch); the BatchNorm
+running statistics are averaged after each epoch, evaluation is split between the ranks, and only
+rank 0 writes the files above, which keep the single-process layout. Resuming reads ``last.ckpt``
+on rank 0 and broadcasts it. The ranks' weights are checked to be identical at start and end.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from unet.data import SegmentationSource, create_dataset, resize_transforms, train_transforms
-from unet.metrics import CASE_METRICS, CaseMetrics
+from unet.distributed import SINGLE, ProcessGroup, params_digest, shard_steps
+from unet.metrics import CASE_METRICS, CaseMetrics, case_scores
 from unet.model import UNet
 from unet.recipes import Recipe
 
@@ -49,6 +57,7 @@ class TrainResult:
     best_epoch: int
     best_val_iou: float
     epochs_run: int  # epochs trained by this call (less than recipe.epochs after a resume)
+    weights_sha256: str = ""  # params_digest of the network after training (identical on every rank)
 
 
 class MembraneDiceBCELoss(nn.Cell):
@@ -83,8 +92,12 @@ def learning_rates(recipe: Recipe, steps_per_epoch: int) -> list[float] | float:
     return [low + 0.5 * (recipe.learning_rate - low) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
 
 
-def evaluate_case_metrics(net: UNet, source: SegmentationSource, batch_size: int) -> dict[str, float]:
-    """The case's five metrics (per-image means) of ``net`` on ``source`` (no augmentation)."""
+def evaluate_case_metrics(net: UNet, source: SegmentationSource, batch_size: int,
+                          group: ProcessGroup = SINGLE) -> dict[str, float]:
+    """The case's five metrics (per-image means) of ``net`` on ``source`` (no augmentation).
+    With a data-parallel ``group`` each rank scores every ``size``-th image and all get the means."""
+    if group.size > 1:
+        return _evaluate_sharded(net, source, batch_size, group)
     net.set_train(False)
     metric = CaseMetrics()
     for start in range(0, len(source), batch_size):
@@ -93,6 +106,28 @@ def evaluate_case_metrics(net: UNet, source: SegmentationSource, batch_size: int
         masks = np.stack([b[1] for b in batch])
         metric.update(ops.sigmoid(net(images)), masks)
     return metric.eval()
+
+
+def _evaluate_sharded(net: UNet, source: SegmentationSource, batch_size: int,
+                      group: ProcessGroup) -> dict[str, float]:
+    """Rank r scores images r, r + size, ...; the per-image scores are gathered exactly and averaged
+    in image order, as :class:`CaseMetrics` does."""
+    net.set_train(False)
+    mine = list(range(group.rank, len(source), group.size))
+    scores = np.zeros((math.ceil(len(source) / group.size), len(CASE_METRICS)))
+    for start in range(0, len(mine), batch_size):
+        batch = [source[i] for i in mine[start:start + batch_size]]
+        probs = ops.sigmoid(net(ms.Tensor(np.stack([b[0] for b in batch])))).asnumpy().astype(np.float64)
+        for j, (p, (_, t)) in enumerate(zip(probs, batch)):
+            s = case_scores(np.round(p), t)
+            scores[start + j] = [s[k] for k in CASE_METRICS]
+    every = group.gather(scores)  # [size, rows, metrics]; image i is row i // size of rank i % size
+    per_image = [every[i % group.size, i // group.size] for i in range(len(source))]
+    sums = [0.0] * len(CASE_METRICS)
+    for row in per_image:
+        for k, v in enumerate(row):
+            sums[k] += float(v)
+    return {name: sums[k] / len(source) for k, name in enumerate(CASE_METRICS)}
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -120,34 +155,47 @@ def _resume_state(out_dir: Path, train_cell: nn.Cell) -> tuple[dict, list[dict]]
 
 
 def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | str, *,
-          resume: bool = True, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          resume: bool = True, on_epoch: Callable[[dict], None] | None = None,
+          group: ProcessGroup = SINGLE) -> TrainResult:
     """Train a UNet by ``recipe`` on (image, mask) PNG pairs; write checkpoints and history to
     ``out_dir``. With ``resume`` and a ``last.json`` in ``out_dir``, continue after its epoch.
-    ``on_epoch`` is called with each epoch's history row (for progress reporting)."""
+    ``on_epoch`` is called with each epoch's history row (for progress reporting). ``group``:
+    the data-parallel ranks this process trains with (see the module docstring)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = group.rank == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(recipe.seed)
 
-    steps = recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size)
+    steps = shard_steps(recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size), group.size)
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
-                                      length=steps * recipe.batch_size)
+                                      length=steps * recipe.batch_size * group.size)
     eval_size = recipe.image_size
     eval_train = SegmentationSource(train_pairs, resize_transforms(eval_size), recipe.in_channels)
     eval_val = SegmentationSource(val_pairs, resize_transforms(eval_size), recipe.in_channels)
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=True, num_workers=recipe.num_workers,
-                             drop_remainder=True, seed=recipe.seed)
+                             drop_remainder=True, seed=recipe.seed, num_shards=group.size, shard_id=group.rank)
 
     net = UNet(recipe.in_channels, recipe.base_channels)
     lrs = learning_rates(recipe, steps)
     optimizer = nn.Adam(net.trainable_params(), learning_rate=lrs, weight_decay=recipe.weight_decay)
+    # in a data-parallel context this cell all-reduces the gradients (mean over the ranks)
     train_cell = nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(recipe)), optimizer)
+    if group.size > 1:
+        group.check_same(params_digest(net.get_parameters()), "initial weights")
+    running_stats = [p for p in net.get_parameters() if not p.requires_grad]  # BatchNorm moving mean/var
 
     state = {"epoch": 0, "best_epoch": 0, "best_val_iou": -1.0}
     rows: list[dict] = []
-    if resume and (out_dir / "last.json").exists():
+    if writer and resume and (out_dir / "last.json").exists():
         state, rows = _resume_state(out_dir, train_cell)
         log.info("resuming from %s after epoch %d", out_dir / "last.ckpt", state["epoch"])
+    if group.size > 1:  # only rank 0 reads the checkpoint: the others get its state and weights
+        shared = group.gather(np.array([state["epoch"], state["best_epoch"], state["best_val_iou"]]))[0]
+        state = {"epoch": int(shared[0]), "best_epoch": int(shared[1]), "best_val_iou": float(shared[2])}
+        if state["epoch"] > 0:
+            group.broadcast_params(train_cell.get_parameters())
     start_epoch = state["epoch"] + 1
 
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -155,29 +203,35 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
         train_cell.set_train(True)
         losses = [float(train_cell(img, msk).asnumpy())
                   for img, msk in dataset.create_tuple_iterator(num_epochs=1)]
+        loss = float(np.mean(losses)) if group.size == 1 else group.mean(float(np.mean(losses)))
+        group.average_params(running_stats)
         t1 = time.perf_counter()
-        train_m = evaluate_case_metrics(net, eval_train, recipe.val_batch_size)
-        val_m = evaluate_case_metrics(net, eval_val, recipe.val_batch_size)
+        train_m = evaluate_case_metrics(net, eval_train, recipe.val_batch_size, group)
+        val_m = evaluate_case_metrics(net, eval_val, recipe.val_batch_size, group)
         t2 = time.perf_counter()
         lr = lrs if isinstance(lrs, float) else lrs[min(epoch * steps, len(lrs)) - 1]
-        row = {"epoch": epoch, "loss": float(np.mean(losses)),
+        row = {"epoch": epoch, "loss": loss,
                **{f"train_{k}": v for k, v in train_m.items()},
                **{f"val_{k}": v for k, v in val_m.items()},
                "lr": lr, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "seconds": t2 - t0}
         rows.append(row)
-        if val_m["iou"] > state["best_val_iou"]:
+        if val_m["iou"] > state["best_val_iou"]:  # the same on every rank: the metrics are gathered
             state.update(best_epoch=epoch, best_val_iou=val_m["iou"])
-            _write_atomic(out_dir / "best.ckpt", lambda p: ms.save_checkpoint(net, str(p)))
+            if writer:
+                _write_atomic(out_dir / "best.ckpt", lambda p: ms.save_checkpoint(net, str(p)))
         state["epoch"] = epoch
-        _write_atomic(out_dir / "history.csv",
-                      lambda p: pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(p, index=False))
-        _save_last(out_dir, train_cell, state)
+        if writer:
+            _write_atomic(out_dir / "history.csv",
+                          lambda p: pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(p, index=False))
+            _save_last(out_dir, train_cell, state)
         log.info("epoch %d/%d loss %.4f train IoU %.4f val Acc %.4f IoU %.4f Dice %.4f (%.1f s + eval %.1f s)",
                  epoch, recipe.epochs, row["loss"], train_m["iou"], val_m["acc"], val_m["iou"],
                  val_m["dice"], t1 - t0, t2 - t1)
         if on_epoch is not None:
             on_epoch(row)
 
+    digest = params_digest(net.get_parameters())
+    group.check_same(digest, "weights after training")
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", out_dir / "history.csv",
                        int(state["best_epoch"]), float(state["best_val_iou"]),
-                       recipe.epochs - start_epoch + 1)
+                       recipe.epochs - start_epoch + 1, digest)
