@@ -8,7 +8,7 @@ ARGS   ?=
 DATA_DIR ?= $(if $(wildcard datasets/ISBI/train-volume.tif),datasets/ISBI,$(if $(wildcard ../shared/data/isbi2012/train-volume.tif),../shared/data/isbi2012,datasets/ISBI))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test test-all setup clean-venv
+.PHONY: run test test-all setup clean-venv server deploy worker trigger
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,28 @@ test: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Deployments on a Prefect server (docs/deployment.md): `make server` in one terminal, then
+# `make deploy`, `make worker` in another, `make trigger ARGS="-p preset=smoke"`. All of them talk
+# to the server at PREFECT_API_URL (yours if you set it, else the one `make server` starts).
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 4200
+POOL        ?= unet-pool
+server deploy worker trigger: export PREFECT_API_URL ?= http://$(SERVER_HOST):$(SERVER_PORT)/api
+# the UI asks the server for its API address, which otherwise assumes port 4200
+server: export PREFECT_UI_API_URL ?= $(PREFECT_API_URL)
+
+server: $(VENV)/.installed
+	$(PY) -m prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT) $(ARGS)
+
+deploy: $(VENV)/.installed
+	@$(PY) -m prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		$(PY) -m prefect work-pool create $(POOL) --type process
+	UNET_DATA_DIR="$${UNET_DATA_DIR:-$(abspath $(DATA_DIR))}" $(PY) -m prefect --no-prompt deploy --all
+
+# The venv's python runs the worker, and so the flow runs it starts (with the project's packages).
+worker: $(VENV)/.installed
+	$(PY) -m prefect worker start --pool $(POOL) $(ARGS)
+
+trigger: $(VENV)/.installed
+	$(PY) -m prefect deployment run 'full-pipeline/full-pipeline' $(ARGS)
