@@ -133,26 +133,51 @@ def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[s
     ``{"stage", "key", "output", **result}`` where ``result`` is what ``build`` returned (paths
     in it relative to the folder). ``build`` writes into ``<key>.partial``, which becomes
     ``<key>`` only after the manifest is written; a resumable stage keeps a partial folder left
-    by a killed run and continues from it, any other stage starts it afresh. ``inputs`` default
-    to the running task's parameters."""
+    by a killed run and continues from it (unless ``refresh``), any other stage starts it afresh
+    and removes it when ``build`` fails. ``inputs`` default to the running task's parameters.
+
+    An ``OSError`` without a file name (a failed ``write()``, e.g. ENOSPC) is re-raised naming the
+    stage folder, so that the one-line error says where the disk filled up."""
     inputs = current_inputs() if inputs is None else inputs
     work_dir = Path(inputs["work_dir"]).resolve()
     key = policy.content_key(inputs)
     final = work_dir / policy.stage / key
     partial = final.with_name(key + ".partial")
     with _locked(work_dir / ".locks" / f"{policy.stage}-{key}.lock"):
+        _remove_stale(final)
         if is_finished(final) and not inputs.get("refresh"):
             result = json.loads((final / MANIFEST).read_text())["result"]
         else:
-            if partial.exists() and not resumable:
+            if partial.exists() and (not resumable or inputs.get("refresh")):
                 shutil.rmtree(partial)
-            partial.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            result = build(partial)
-            manifest = _manifest(policy, key, inputs, result, time.perf_counter() - t0)
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            _replace_dir(partial, final)
+            try:
+                partial.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                result = build(partial)
+                manifest = _manifest(policy, key, inputs, result, time.perf_counter() - t0)
+                _write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=2, default=str))
+                _replace_dir(partial, final)
+            except Exception as exc:
+                if not resumable:
+                    shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs
+                if isinstance(exc, OSError) and exc.errno is not None and not exc.filename:
+                    raise OSError(exc.errno, f"{exc.strerror or exc} (while writing the {policy.stage} stage)",
+                                  str(partial)) from exc
+                raise
     return {"stage": policy.stage, "key": key, "output": str(final), **result}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove_stale(final: Path) -> None:
+    """Folders a killed refresh left between its two renames (``<key>.old-<pid>``)."""
+    if final.parent.is_dir():
+        for old in final.parent.glob(f"{final.name}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

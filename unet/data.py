@@ -5,6 +5,8 @@ Masks always go through nearest-neighbour interpolation, so they stay binary.
 """
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -71,14 +73,18 @@ def fullres_train_transforms(size: int) -> A.Compose:
 
 
 def train_transforms(recipe: Recipe) -> A.Compose:
-    """The training augmentation the recipe names."""
+    """The training augmentation the recipe names, seeded with ``recipe.seed``."""
     if recipe.augmentation == "case":
-        return case_train_transforms(recipe.image_size)
-    if recipe.augmentation == "fullres":
-        return fullres_train_transforms(recipe.image_size)
-    if recipe.input_mode == "crop":
-        return A.Compose([A.RandomCrop(recipe.image_size, recipe.image_size)])
-    return resize_transforms(recipe.image_size)
+        transform = case_train_transforms(recipe.image_size)
+    elif recipe.augmentation == "fullres":
+        transform = fullres_train_transforms(recipe.image_size)
+    elif recipe.input_mode == "crop":
+        transform = A.Compose([A.RandomCrop(recipe.image_size, recipe.image_size)])
+    else:
+        transform = resize_transforms(recipe.image_size)
+    transform.set_random_seed(recipe.seed)
+    transform.seed = recipe.seed
+    return transform
 
 
 def read_grey(path: Path | str) -> np.ndarray:
@@ -100,11 +106,13 @@ class SegmentationSource:
 
     Frames are read once into memory (ISBI is 30 frames of 512x512). ``length`` lets a crop
     recipe draw more samples per epoch than there are frames; sample ``i`` uses frame
-    ``i % len(pairs)``.
+    ``i % len(pairs)``. With a ``seed``, sample ``i`` of epoch ``e`` (set ``source.epoch``) is
+    augmented with random numbers seeded by (seed, e, i), whatever thread draws it: training is
+    reproducible with parallel workers and after a resume.
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: A.Compose, in_channels: int,
-                 length: int | None = None) -> None:
+                 length: int | None = None, seed: int | None = None) -> None:
         if not pairs:
             raise ValueError("no (image, mask) pairs given")
         self.images = [read_grey(img) for img, _ in pairs]
@@ -112,13 +120,25 @@ class SegmentationSource:
         self.transform = transform
         self.in_channels = in_channels
         self.length = length or len(pairs)
+        self.seed = seed
+        self.epoch = 0
+        self._local = threading.local()  # one copy of the transform per worker thread
 
     def __len__(self) -> int:
         return self.length
 
+    def _seeded_transform(self, index: int) -> A.Compose:
+        transform = getattr(self._local, "transform", None)
+        if transform is None:
+            transform = self._local.transform = copy.deepcopy(self.transform)
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        transform.set_random_seed(int(state))
+        return transform
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         k = index % len(self.images)
-        out = self.transform(image=self.images[k], mask=self.masks[k])
+        transform = self.transform if self.seed is None else self._seeded_transform(index)
+        out = transform(image=self.images[k], mask=self.masks[k])
         image = to_network_input(out["image"], self.in_channels)
         mask = out["mask"].astype(np.float32)[None]
         return image, mask

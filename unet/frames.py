@@ -121,8 +121,32 @@ def _read_series(tif: tifffile.TiffFile, path: Path,
     return series[0].asarray(), str(series[0].axes)
 
 
+# Signatures of files that get renamed to .tif by mistake: named in the error instead of
+# tifffile's "not a TIFF file b'\\x89PNG...'".
+_OTHER_FORMATS = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"), (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"\x93NUMPY", "a NumPy .npy file"),
+    (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _sniff(path: Path) -> None:
+    """_Rejected for an empty file or one that starts like another known format."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head:
+        raise _Rejected("empty file, 0 bytes")
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            raise _Rejected(f"the file is {name}, not a TIFF; renamed?")
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
     """The first (and only) image series of the file and its tifffile axes string."""
+    try:
+        _sniff(path)
+    except _Rejected as exc:
+        raise _unreadable(path, str(exc)) from None
     errors = _TiffErrorLog()
     tiff_logger = logging.getLogger("tifffile")
     tiff_logger.addHandler(errors)
@@ -272,6 +296,10 @@ def read_labels(path: PathLike) -> np.ndarray:
         array = array[..., 0]
     values = _distinct_values(array)
     as_set = set(values.tolist())
+    top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.unsignedinteger) else 255
+    if top > 255 and top in as_set and as_set <= {0, top}:  # e.g. uint16 masks saved as 0/65535
+        logger.info("%s: labels 0/%d mapped to 0/255", path, top)
+        as_set = {0, 255}
     if not (as_set <= {0, 255} or as_set <= {0, 1}):
         raise ValueError(f"{path}: labels must be binary (0/255 or 0/1), "
                          f"found values {_format_values(values)}")

@@ -34,7 +34,7 @@ import mindspore.ops as ops
 import numpy as np
 import pandas as pd
 
-from unet.data import SegmentationSource, create_dataset, resize_transforms, train_transforms
+from unet.data import SegmentationSource, create_dataset, eval_transforms, train_transforms
 from unet.distributed import SINGLE, ProcessGroup, params_digest, shard_steps
 from unet.metrics import CASE_METRICS, CaseMetrics, case_scores
 from unet.model import UNet
@@ -170,10 +170,9 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
 
     steps = shard_steps(recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size), group.size)
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
-                                      length=steps * recipe.batch_size * group.size)
-    eval_size = recipe.image_size
-    eval_train = SegmentationSource(train_pairs, resize_transforms(eval_size), recipe.in_channels)
-    eval_val = SegmentationSource(val_pairs, resize_transforms(eval_size), recipe.in_channels)
+                                      length=steps * recipe.batch_size * group.size, seed=recipe.seed)
+    eval_train = SegmentationSource(train_pairs, eval_transforms(recipe), recipe.in_channels)
+    eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=True, num_workers=recipe.num_workers,
                              drop_remainder=True, seed=recipe.seed, num_shards=group.size, shard_id=group.rank)
 
@@ -200,6 +199,7 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
+        train_source.epoch = epoch  # the augmentation of epoch e is the same after a resume
         train_cell.set_train(True)
         losses = [float(train_cell(img, msk).asnumpy())
                   for img, msk in dataset.create_tuple_iterator(num_epochs=1)]
