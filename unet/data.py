@@ -106,9 +106,10 @@ class SegmentationSource:
 
     Frames are read once into memory (ISBI is 30 frames of 512x512). ``length`` lets a crop
     recipe draw more samples per epoch than there are frames; sample ``i`` uses frame
-    ``i % len(pairs)``. With a ``seed``, sample ``i`` of epoch ``e`` (set ``source.epoch``) is
-    augmented with random numbers seeded by (seed, e, i), whatever thread draws it: training is
-    reproducible with parallel workers and after a resume.
+    ``i % len(pairs)``. With a ``seed``, ``set_epoch(e)`` fixes epoch ``e``: its sample order is
+    a permutation seeded by (seed, e), and each sample is augmented with random numbers seeded by
+    (seed, e, i), whatever thread draws it. Training is then reproducible with parallel workers
+    and after a resume (iterate the dataset unshuffled: the source does the shuffling).
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: A.Compose, in_channels: int,
@@ -122,7 +123,14 @@ class SegmentationSource:
         self.length = length or len(pairs)
         self.seed = seed
         self.epoch = 0
+        self._order: np.ndarray | None = None
         self._local = threading.local()  # one copy of the transform per worker thread
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s sample order and augmentation (see the class docstring)."""
+        self.epoch = epoch
+        if self.seed is not None:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
 
     def __len__(self) -> int:
         return self.length
@@ -136,6 +144,8 @@ class SegmentationSource:
         return transform
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._order is not None:
+            index = int(self._order[index])
         k = index % len(self.images)
         transform = self.transform if self.seed is None else self._seeded_transform(index)
         out = transform(image=self.images[k], mask=self.masks[k])

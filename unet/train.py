@@ -173,7 +173,8 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
                                       length=steps * recipe.batch_size * group.size, seed=recipe.seed)
     eval_train = SegmentationSource(train_pairs, eval_transforms(recipe), recipe.in_channels)
     eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
-    dataset = create_dataset(train_source, recipe.batch_size, shuffle=True, num_workers=recipe.num_workers,
+    # unshuffled: the source permutes each epoch itself, seeded, so that a resume sees the same order
+    dataset = create_dataset(train_source, recipe.batch_size, shuffle=False, num_workers=recipe.num_workers,
                              drop_remainder=True, seed=recipe.seed, num_shards=group.size, shard_id=group.rank)
 
     net = UNet(recipe.in_channels, recipe.base_channels)
@@ -199,7 +200,7 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
-        train_source.epoch = epoch  # the augmentation of epoch e is the same after a resume
+        train_source.set_epoch(epoch)  # epoch e's order and augmentation, the same after a resume
         train_cell.set_train(True)
         losses = [float(train_cell(img, msk).asnumpy())
                   for img, msk in dataset.create_tuple_iterator(num_epochs=1)]
