@@ -9,7 +9,6 @@ import mindspore as ms
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 
 from unet.distributed import (SINGLE, Cluster, last_error_line, launch, params_digest, rank_failure,
                               shard_steps)
@@ -20,19 +19,6 @@ from unet.train import HISTORY_COLUMNS
 
 slow = pytest.mark.slow
 WORKERS = 2
-
-
-@pytest.fixture(scope="module")
-def frames(isbi_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("frames")
-    vol = tifffile.imread(isbi_dir / "train-volume.tif")
-    lab = tifffile.imread(isbi_dir / "train-labels.tif")
-    pairs = []
-    for i in range(len(vol)):
-        cv2.imwrite(str(d / f"{i:05d}.png"), vol[i])
-        cv2.imwrite(str(d / f"{i:05d}_mask.png"), lab[i])
-        pairs.append((d / f"{i:05d}.png", d / f"{i:05d}_mask.png"))
-    return {"train": [p for i, p in enumerate(pairs) if i % 3], "val": pairs[::3]}
 
 
 @pytest.fixture(scope="module")

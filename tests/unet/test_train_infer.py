@@ -13,19 +13,6 @@ from unet.train import train
 
 
 @pytest.fixture(scope="module")
-def frames(isbi_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("frames")
-    vol = tifffile.imread(isbi_dir / "train-volume.tif")
-    lab = tifffile.imread(isbi_dir / "train-labels.tif")
-    pairs = []
-    for i in range(len(vol)):
-        cv2.imwrite(str(d / f"{i:05d}.png"), vol[i])
-        cv2.imwrite(str(d / f"{i:05d}_mask.png"), lab[i])
-        pairs.append((d / f"{i:05d}.png", d / f"{i:05d}_mask.png"))
-    return {"train": [p for i, p in enumerate(pairs) if i % 3], "val": pairs[::3]}
-
-
-@pytest.fixture(scope="module")
 def trained(frames, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     recipe = PRESETS["smoke"]
