@@ -87,9 +87,7 @@ class ProcessGroup:
         """Give every rank rank 0's values of ``params`` (mindspore Parameters, float or int)."""
         if self.size == 1:
             return
-        params = list(params)
-        arrays = [p.asnumpy() for p in params]
-        flat = np.concatenate([a.astype(np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+        params, arrays, flat = _flatten(params)
         if self.rank != 0:
             flat[:] = 0.0
         self._set(params, arrays, self.sum(flat))
@@ -98,9 +96,7 @@ class ProcessGroup:
         """Replace float ``params`` by their mean over the ranks (BatchNorm running statistics)."""
         if self.size == 1:
             return
-        params = list(params)
-        arrays = [p.asnumpy() for p in params]
-        flat = np.concatenate([a.astype(np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+        params, arrays, flat = _flatten(params)
         self._set(params, arrays, self.sum(flat) / self.size)
 
     def check_same(self, digest: str, what: str) -> None:
@@ -493,3 +489,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _flatten(params: Iterable) -> tuple[list, list[np.ndarray], np.ndarray]:
+    """The parameters, their values, and those values as one float32 vector (for one collective)."""
+    params = list(params)
+    arrays = [p.asnumpy() for p in params]
+    flat = np.concatenate([a.astype(np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return params, arrays, flat
