@@ -12,7 +12,8 @@ from tasks.train import dataset_pairs
 
 POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.py", "unet/evaluate.py",
                                              "unet/infer.py", "unet/metrics.py", "unet/model.py",
-                                             "unet/data.py", "unet/viz.py", "unet/train.py", "unet/distributed.py"))
+                                             "unet/data.py", "unet/viz.py", "unet/train.py", "unet/distributed.py",
+                                             "unet/segment.py"))
 
 
 @task(name="evaluate", cache_policy=POLICY)
@@ -48,8 +49,9 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: 
             logger.info("%-10s acc %.4f iou %.4f dice %.4f sens %.4f spec %.4f", name, m["acc"], m["iou"],
                         m["dice"], m["sens"], m["spec"])
         native = metrics["val_native"]
-        logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f", native["membrane_dice"],
-                    native["membrane_iou"], native["v_rand"], native["v_info"])
+        logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f "
+                    "(membrane filled: V_rand %.4f, V_info %.4f)", native["membrane_dice"], native["membrane_iou"],
+                    native["v_rand"], native["v_info"], native["v_rand_filled"], native["v_info_filled"])
         return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
                 "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
                 "history_png": "history.png", "examples_png": "val_examples.png"}

@@ -15,7 +15,8 @@ CASE_PUBLISHED = {  # the MindSpore case's table (cell class, per-image means at
     "val": {"acc": 0.92, "iou": 0.90, "dice": 0.95, "sens": 0.96, "spec": 0.77},
 }
 FIVE = ("acc", "iou", "dice", "sens", "spec")
-EXTRA = ("membrane_iou", "membrane_dice", "balanced_accuracy", "v_rand", "v_info")
+EXTRA = ("membrane_iou", "membrane_dice", "balanced_accuracy", "v_rand", "v_info", "v_rand_filled",
+         "v_info_filled")
 
 
 def _abs(result: dict, name: str) -> str:
@@ -110,7 +111,9 @@ def report_markdown(summary: dict) -> str:
         f"**best epoch** {summary['best_epoch']} · **champion** {summary['champion']['decision']} "
         f"(test predictions from `{summary['champion']['checkpoint']}`)",
         "## Metrics\nCell class = the case's positive class (78 % of pixels); the membrane columns "
-        "score the minority class, V_rand / V_info are the ISBI 2012 segmentation scores.",
+        "score the minority class, V_rand / V_info are the ISBI 2012 segmentation scores of the "
+        "connected components of the thresholded cell map; the *_filled columns score the same components "
+        "grown over the membrane pixels (post-processing).",
         _table(metrics_rows(summary["metrics"])),
         "## Recipe\n```json\n" + json.dumps(p.get("recipe", {}), indent=2) + "\n```",
         "## Stages", _table(stages),
@@ -122,9 +125,9 @@ def format_console(summary: dict) -> str:
     """A short human summary for the end of the run."""
     lines = [f"\nRun {summary['run']}: stages " +
              ", ".join(f"{k} {v['state']} ({v['seconds']:.1f} s)" for k, v in summary["stages"].items()),
-             f"{'':28}" + "".join(f"{k:>10}" for k in FIVE + ("mem_dice", "v_rand"))]
+             f"{'':28}" + "".join(f"{k:>10}" for k in FIVE + ("mem_dice", "v_rand", "v_rand_f"))]
     for row in metrics_rows(summary["metrics"]):
-        vals = [row[k] for k in FIVE] + [row["membrane_dice"], row["v_rand"]]
+        vals = [row[k] for k in FIVE] + [row["membrane_dice"], row["v_rand"], row["v_rand_filled"]]
         lines.append(f"{row['set']:28}" + "".join(f"{v:>10.4f}" if v != "" else f"{'':>10}" for v in vals))
     out = summary["outputs"]
     champ = summary["champion"]

@@ -14,6 +14,7 @@ import numpy as np
 from unet.data import read_grey
 from unet.metrics import (CASE_METRICS, ConfusionCounts, case_scores, confusion_counts,
                           confusion_scores, segmentation_scores)
+from unet.segment import filled_segmentation_scores
 
 
 def read_masks(paths: Sequence[Path | str]) -> np.ndarray:
@@ -26,7 +27,10 @@ def native_scores(cell_prob: np.ndarray, target: np.ndarray, threshold: float = 
 
     Keys: acc, iou, dice, sens, spec (the case's per-image means, prediction ``>= threshold``),
     cell_* and membrane_* (dataset-level confusion scores), balanced_accuracy, v_rand, v_info and
-    the thresholds at which V_rand and V_info were best.
+    the thresholds at which V_rand and V_info were best (the 4-connected components of the
+    thresholded cell map, as the ISBI peer scored them), and v_rand_filled, v_info_filled with
+    their thresholds (the same components grown over the membrane pixels, our post-processing:
+    :mod:`unet.segment`).
     """
     if cell_prob.shape != target.shape or cell_prob.ndim != 3:
         raise ValueError(f"expected probabilities and masks of one shape [N, H, W], got "
@@ -39,4 +43,7 @@ def native_scores(cell_prob: np.ndarray, target: np.ndarray, threshold: float = 
     out.update({k: v for k, v in dataset_level.items() if k != "acc"})
     seg = segmentation_scores(cell_prob, target)
     out.update({k: float(seg[k]) for k in ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")})
+    filled = filled_segmentation_scores(cell_prob, target)
+    out.update({"v_rand_filled": filled["v_rand"], "v_rand_filled_threshold": filled["v_rand_threshold"],
+                "v_info_filled": filled["v_info"], "v_info_filled_threshold": filled["v_info_threshold"]})
     return out

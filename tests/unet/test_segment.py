@@ -1,0 +1,53 @@
+"""Tests of unet.segment: cell instances from the probability map, and their V_rand / V_info."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from scipy.ndimage import binary_erosion
+
+from unet.metrics import segmentation_scores
+from unet.segment import filled_segmentation_scores, segment_cells
+
+
+def test_segment_cells_fill_membrane_assigns_every_pixel_and_keeps_the_cut():
+    prob = np.zeros((7, 9))
+    prob[1:6, 1:3] = 0.9  # left cell core
+    prob[1:6, 6:8] = 0.9  # right cell core, a 3-pixel membrane band between them
+    plain = segment_cells(prob, 0.5)
+    assert plain.max() == 2 and (plain == 0).sum() == 7 * 9 - 20
+    filled = segment_cells(prob, 0.5, fill_membrane=True)
+    assert (filled > 0).all()  # nothing left on the membrane
+    assert set(np.unique(filled[:, :4]).tolist()) == {1} and set(np.unique(filled[:, 5:]).tolist()) == {2}
+    assert (filled[plain > 0] == plain[plain > 0]).all()  # the components themselves do not change
+    assert not segment_cells(np.zeros((4, 4)), 0.5, fill_membrane=True).any()
+
+
+def test_fill_membrane_removes_the_thick_membrane_penalty():
+    target = np.ones((9, 13), np.uint8)
+    target[:, 6] = 0  # two cells, a one-pixel membrane
+    prob = np.full((9, 13), 0.9)
+    prob[:, 5:8] = 0.1  # a correct cut, but three pixels wide: two gt-cell columns predicted membrane
+    strict = segmentation_scores(prob, target, thresholds=(0.5,))
+    filled = filled_segmentation_scores(prob, target, thresholds=(0.5,))
+    assert strict["v_rand"] < 0.9  # the predicted membrane pixels count as one more segment across both cells
+    assert filled["v_rand"] == filled["v_info"] == 1.0
+
+
+def test_fill_membrane_on_real_labels_keeps_a_perfect_score(isbi_dir):
+    target = (tifffile.imread(isbi_dir / "train-labels.tif")[:2] > 127).astype(np.uint8)
+    got = filled_segmentation_scores(target.astype(np.float32), target, thresholds=(0.5,))
+    assert got["v_rand"] == pytest.approx(1.0) and got["v_info"] == pytest.approx(1.0)
+    eroded = np.stack([binary_erosion(t, iterations=2) for t in target]).astype(np.float32)  # cells 2 px smaller
+    strict = segmentation_scores(eroded, target, thresholds=(0.5,))["v_rand"]
+    filled = filled_segmentation_scores(eroded, target, thresholds=(0.5,))["v_rand"]
+    assert filled > strict
+
+
+def test_filled_scores_reject_what_the_strict_scores_reject():
+    with pytest.raises(ValueError, match="binary"):
+        filled_segmentation_scores(np.zeros((4, 4)), np.full((4, 4), 2))
+    with pytest.raises(ValueError, match="thresholds"):
+        filled_segmentation_scores(np.zeros((4, 4)), np.ones((4, 4)), thresholds=(1.5,))
+    with pytest.raises(ValueError, match="one frame"):
+        segment_cells(np.zeros((2, 4, 4)), 0.5)
