@@ -21,6 +21,12 @@ def main() -> None:
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
     p.add_argument("--loss", default="bce", choices=["bce", "bce_dice"])
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"],
+                   help="MindSpore execution mode (the pipeline trains in graph mode)")
+    p.add_argument("--jit-level", choices=["O0", "O1", "O2"], help="graph-mode jit level (default: MindSpore's)")
+    p.add_argument("--kernel-threads", type=int,
+                   help="threads of MindSpore's own CPU kernels (mindspore.device_context.cpu.op_tuning."
+                        "threads_num; MindSpore's default is 25)")
     args = p.parse_args()
 
     import mindspore as ms
@@ -30,7 +36,11 @@ def main() -> None:
     from unet.recipes import Recipe
     from unet.train import make_loss
 
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    if args.jit_level:
+        ms.set_context(jit_config={"jit_level": args.jit_level})
+    if args.kernel_threads:
+        ms.device_context.cpu.op_tuning.threads_num(args.kernel_threads)
     ms.set_seed(0)
     net = UNet(args.in_channels, args.base_channels)
     recipe = Recipe(name="bench", loss=args.loss)
