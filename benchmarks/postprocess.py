@@ -27,12 +27,12 @@ def main() -> None:
     p.add_argument("--split-dir", type=Path, required=True, help="the split stage folder of the same run")
     args = p.parse_args()
 
+    from skimage.measure import label
     from skimage.morphology import remove_small_holes
 
     from unet.evaluate import read_masks
     from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores, v_info, v_rand
     from unet.segment import filled_segmentation_scores
-    from skimage.measure import label
 
     prob = tifffile.imread(args.evaluate_dir / "val" / "probabilities.tif").astype(np.float32)
     masks = sorted((args.split_dir / "val" / "mask").glob("*.png"))
