@@ -1,9 +1,12 @@
 """Stage 5: metrics of the best checkpoint — the case's five at the training size on train and
-val, and native-size val predictions scored for both classes and with V_rand / V_info."""
+val, and native-size predictions of val (written) and train (scored only) scored for both classes
+and with V_rand / V_info."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from prefect import get_run_logger, task
 
@@ -18,11 +21,12 @@ POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.p
 
 @task(name="evaluate", cache_policy=POLICY)
 def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
-    """Write metrics.json, val predictions at native size (val/masks, val/probabilities.tif,
-    val/overlays) and figures (history.png, val_examples.png)."""
-    from unet.data import SegmentationSource, eval_transforms
+    """Write metrics.json (train, val: training size; train_native, val_native: whole frames), val
+    predictions at native size (val/masks, val/probabilities.tif, val/overlays) and figures
+    (history.png, val_examples.png)."""
+    from unet.data import SegmentationSource, eval_transforms, read_grey
     from unet.evaluate import native_scores, read_masks
-    from unet.infer import load_model, predict_files
+    from unet.infer import load_model, predict_files, predict_frame
     from unet.recipes import Recipe
     from unet.train import evaluate_case_metrics
     from unet.viz import plot_examples, plot_history
@@ -42,6 +46,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: 
         if probs.ndim == 2:
             probs = probs[None]
         metrics["val_native"] = native_scores(probs, read_masks([m for _, m in val_pairs]))
+        train_probs = np.stack([predict_frame(net, read_grey(img), config, tta=config.tta) for img, _ in train_pairs])
+        metrics["train_native"] = native_scores(train_probs, read_masks([m for _, m in train_pairs]))
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_history(Path(model["output"]) / model["history"], folder / "history.png")
         plot_examples([img for img, _ in val_pairs], [m for _, m in val_pairs], probs, folder / "val_examples.png")

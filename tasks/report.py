@@ -74,7 +74,9 @@ def metrics_rows(metrics: dict) -> list[dict]:
     """Rows of our metrics beside the case's published ones (the unet-metrics table)."""
     rows = []
     for name, label in (("train", "train (ours, training size)"), ("val", "val (ours, training size)"),
-                        ("val_native", "val (ours, native size)")):
+                        ("train_native", "train (ours, native size)"), ("val_native", "val (ours, native size)")):
+        if name not in metrics:  # train_native: evaluations made before it existed
+            continue
         m = metrics[name]
         rows.append({"set": label, **{k: round(m[k], 4) for k in FIVE},
                      **{k: round(m[k], 4) if k in m else "" for k in EXTRA}})

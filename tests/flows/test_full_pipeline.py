@@ -51,9 +51,12 @@ def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
     assert states(summary) == only(*STAGES)
     on_disk = json.loads((work / "runs" / "latest" / "summary.json").read_text())
     assert on_disk["stages"] == summary["stages"]
-    for subset in ("train", "val", "val_native"):
+    for subset in ("train", "val", "train_native", "val_native"):
         assert {"acc", "iou", "dice", "sens", "spec"} <= set(summary["metrics"][subset])
-    assert {"membrane_dice", "v_rand", "v_info"} <= set(summary["metrics"]["val_native"])
+    for subset in ("train_native", "val_native"):
+        scores = summary["metrics"][subset]
+        assert {"membrane_dice", "v_rand", "v_info", "v_rand_filled", "v_info_filled"} <= set(scores)
+        assert 0.0 <= scores["v_rand"] <= 1.0 and 0.0 <= scores["v_rand_filled"] <= 1.0
     out = summary["outputs"]
     assert len(list(Path(out["val_predictions"]).glob("*.png"))) == 10
     assert sorted(p.name for p in Path(out["val_predictions"]).glob("*.png"))[:2] == ["00000.png", "00003.png"]
