@@ -1,4 +1,5 @@
-"""Stage 6: predict the test frames at native size: masks, the challenge's probability TIFF, overlays."""
+"""Stage 6: predict the test frames at native size: masks, the challenge's probability TIFF, overlays,
+and a figure of a few of them (test_examples.png)."""
 from __future__ import annotations
 
 import json
@@ -9,14 +10,19 @@ from prefect import get_run_logger, task
 from tasks.stage import StagePolicy, run_stage
 
 POLICY = StagePolicy(stage="predict", code=("tasks/predict.py", "tasks/stage.py", "unet/infer.py",
-                                            "unet/model.py", "unet/data.py"))
+                                            "unet/model.py", "unet/data.py", "unet/viz.py", "unet/segment.py",
+                                            "unet/metrics.py"))
 
 
 @task(name="predict_test", cache_policy=POLICY)
 def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
-    """Write test/masks/<stem>.png, test/probabilities.tif (float32 N x H x W) and test/overlays."""
+    """Write test/masks/<stem>.png, test/probabilities.tif (float32 N x H x W), test/overlays and
+    test_examples.png."""
+    import tifffile
+
     from unet.infer import load_model, predict_files
     from unet.recipes import Recipe
+    from unet.viz import plot_predictions
 
     config = Recipe.from_dict(recipe)
     logger = get_run_logger()
@@ -27,7 +33,9 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refre
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
         out = predict_files(net, images, config, folder / "test", tta=config.tta,
                             on_frame=lambda i, n: logger.info("test frame %d/%d", i, n) if i % 10 == 0 or i == n else None)
+        probs = tifffile.imread(out.probabilities)
+        plot_predictions(images, probs if probs.ndim == 3 else probs[None], folder / "test_examples.png")
         return {"test_masks": "test/masks", "test_probabilities": "test/probabilities.tif",
-                "test_overlays": "test/overlays", "frames": out.frames}
+                "test_overlays": "test/overlays", "test_examples_png": "test_examples.png", "frames": out.frames}
 
     return run_stage(POLICY, build)

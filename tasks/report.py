@@ -50,6 +50,8 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
             "test_masks": _abs(prediction, "test_masks"),
             "test_probabilities": _abs(prediction, "test_probabilities"),
             "test_overlays": _abs(prediction, "test_overlays"),
+            # results stored before the figure existed have no entry for it
+            "test_examples": _abs(prediction, "test_examples_png") if "test_examples_png" in prediction else None,
         },
     }
 
@@ -137,4 +139,6 @@ def format_console(summary: dict) -> str:
               f"champion          {champ['decision']}: {champ['checkpoint']}",
               f"test masks        {out['test_masks']}",
               f"test probability  {out['test_probabilities']}", f"val examples      {out['val_examples']}"]
+    if out.get("test_examples"):
+        lines.append(f"test examples     {out['test_examples']}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: training curves and val examples."""
+"""Figures a person would rather look at than read: training curves, val examples, test predictions."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,6 +56,33 @@ def plot_examples(images: Sequence[Path], masks: Sequence[Path], cell_prob: np.n
         for ax, img, title in zip(axes[row], (frame, truth, pred, errors),
                                   (Path(images[row]).name, "ground truth", "prediction", "errors")):
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_predictions(images: Sequence[Path], cell_prob: np.ndarray, out_png: Path | str, n: int = 3,
+                     threshold: float = 0.5) -> Path:
+    """Rows of frame / cell probability / cell instances (the thresholded map's components grown
+    over the membrane, :func:`unet.segment.segment_cells`, in random colours): frames without
+    ground truth, such as the test set."""
+    from unet.segment import segment_cells
+
+    plt = _pyplot()
+    n = min(n, len(images))
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for row in range(n):
+        cells = segment_cells(cell_prob[row], threshold, fill_membrane=True)
+        colours = rng.uniform(0.25, 1.0, size=(int(cells.max()) + 1, 3))
+        colours[0] = 0.0
+        panels = (read_grey(images[row]), cell_prob[row], colours[cells])
+        titles = (Path(images[row]).name, "cell probability", f"{int(cells.max())} cells (threshold {threshold})")
+        for ax, img, title in zip(axes[row], panels, titles):
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0 if img.ndim == 2 else None)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.tight_layout()

@@ -62,6 +62,7 @@ def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
     assert sorted(p.name for p in Path(out["val_predictions"]).glob("*.png"))[:2] == ["00000.png", "00003.png"]
     assert len(list(Path(out["test_masks"]).glob("*.png"))) == 30
     assert Path(out["checkpoint"]).is_file() and Path(out["test_probabilities"]).is_file()
+    assert Path(out["test_examples"]).stat().st_size > 10_000  # a PNG figure of test predictions
 
 
 def test_second_run_is_all_cached(pipeline, data_dir, first_run):
