@@ -57,8 +57,8 @@ def promote_champion(work_dir: str, model: dict, recipe: dict, evaluation: dict,
             tmp.write_text(json.dumps(record, indent=2))
             os.replace(tmp, champion_path(work_dir))
             champion = record
-    get_run_logger().info("champion: %s (new model val IoU %.4f, champion %s)", decision, new_score,
-                          "none" if old_score is None else f"{old_score:.4f}")
+    before = ("this model" if same_model else "none") if old_score is None else f"{old_score:.4f}"
+    get_run_logger().info("champion: %s (new model val IoU %.4f, champion %s)", decision, new_score, before)
     create_markdown_artifact(
         "\n".join([f"# Champion decision: **{decision}**", "",
                    "| model | val IoU (native size, cell) | checkpoint |", "|---|---|---|",
