@@ -7,7 +7,8 @@ folder (``val/mask/*.png``), and scores each variant's best threshold of 0.1..0.
 connected components (``strict``), the probability map smoothed (Gaussian) or opened (grey
 erosion then dilation) first, small holes of the thresholded map filled, and the components grown
 over the membrane pixels (``filled``, :mod:`unet.segment`, what the evaluate stage reports as
-``v_rand_filled``). One JSON line: per variant its V_rand, V_info and thresholds.
+``v_rand_filled``). One JSON line: per variant its V_rand, V_info and thresholds, and the strict and
+filled V_rand at every threshold.
 """
 from __future__ import annotations
 
@@ -58,17 +59,21 @@ def main() -> None:
     def brief(s: dict) -> dict:
         return {k: round(float(s[k]), 4) if "threshold" not in k else s[k] for k in s if k != "per_threshold"}
 
+    strict = segmentation_scores(prob, target)
+    filled = filled_segmentation_scores(prob, target)
     variants = {
-        "strict": brief(segmentation_scores(prob, target)),
+        "strict": brief(strict),
         "gauss_sigma1": brief(segmentation_scores(np.stack([cv2.GaussianBlur(f, (0, 0), 1) for f in prob]), target)),
         "gauss_sigma2": brief(segmentation_scores(np.stack([cv2.GaussianBlur(f, (0, 0), 2) for f in prob]), target)),
         "open3": brief(segmentation_scores(opened(3), target)),
         "open5": brief(segmentation_scores(opened(5), target)),
         "holes_filled_1000px": brief(holes_filled(1000)),
-        "filled": brief(filled_segmentation_scores(prob, target)),
+        "filled": brief(filled),
     }
+    per_threshold = {t: {"strict": round(strict["per_threshold"][t]["v_rand"], 4),
+                         "filled": round(filled["per_threshold"][t]["v_rand"], 4)} for t in strict["per_threshold"]}
     common.emit({"benchmark": "postprocess", "evaluate_dir": str(args.evaluate_dir), "frames": len(prob),
-                 "variants": variants})
+                 "variants": variants, "v_rand_per_threshold": per_threshold})
 
 
 if __name__ == "__main__":
