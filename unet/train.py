@@ -1,5 +1,9 @@
-"""Training: BCE (or BCE + membrane Dice) on logits, Adam, per-epoch evaluation on train and val,
+"""Training: BCE (or BCE + membrane Dice) on logits, Adam, per-epoch metrics on train and val,
 ``best.ckpt`` by val IoU, ``last.ckpt`` for resuming, and a per-epoch ``history.csv``.
+
+The per-epoch train metrics score the epoch's training batches (augmented, as the case's train
+callback saw them) from the logits of the training step itself, so they cost no second forward
+pass; the val metrics run the network in inference mode on the val frames after the epoch.
 
 Output folder after ``train(...)``::
 
@@ -7,6 +11,7 @@ Output folder after ``train(...)``::
     last.ckpt      network + optimizer state after the last finished epoch (for resuming)
     last.json      {"epoch": k, "best_epoch": ..., "best_val_iou": ...} written with last.ckpt
     history.csv    one row per epoch: loss, the case's five metrics on train and val, seconds
+                   (``train_seconds``: the steps; ``eval_seconds``: the val pass)
 
 Data-parallel (``group`` from :func:`unet.distributed.init_data_parallel`, ranks started by msrun):
 each rank trains on its shard of every epoch's samples with the gradients averaged over the ranks
@@ -81,6 +86,44 @@ class MembraneDiceBCELoss(nn.Cell):
 
 def make_loss(recipe: Recipe) -> nn.Cell:
     return MembraneDiceBCELoss() if recipe.loss == "bce_dice" else nn.BCEWithLogitsLoss()
+
+
+class LossAndLogits(nn.Cell):
+    """``(loss, logits)`` of a batch: ``nn.WithLossCell`` that also hands out the logits."""
+
+    def __init__(self, backbone: nn.Cell, loss_fn: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self._backbone = backbone  # the name nn.WithLossCell uses: checkpoints keep their keys
+        self._loss_fn = loss_fn
+
+    def construct(self, image, mask):
+        logits = self._backbone(image)
+        return self._loss_fn(logits, mask), logits
+
+
+class TrainStep(nn.TrainOneStepCell):
+    """One optimizer step that returns ``(loss, logits)``, so that the training batches are scored
+    from the forward pass the step computes anyway (no second pass over the training set).
+
+    The gradient is the loss's alone (the logits output gets a zero sensitivity); gradients are
+    all-reduced across data-parallel ranks exactly as in ``nn.TrainOneStepCell``.
+    """
+
+    def __init__(self, network: LossAndLogits, optimizer: nn.Optimizer) -> None:
+        super().__init__(network, optimizer)
+
+    def construct(self, image, mask):
+        loss, logits = self.network(image, mask)
+        sens = (ops.fill(loss.dtype, loss.shape, 1.0), ops.zeros_like(logits))
+        grads = self.grad(self.network, self.weights)(image, mask, sens)
+        grads = self.grad_reducer(grads)
+        loss = ops.depend(loss, self.optimizer(grads))
+        return loss, logits
+
+
+def make_train_step(net: UNet, recipe: Recipe, optimizer: nn.Optimizer) -> TrainStep:
+    """The training step of ``recipe``: its loss on ``net``'s logits, ``optimizer``'s update."""
+    return TrainStep(LossAndLogits(net, make_loss(recipe)), optimizer)
 
 
 def learning_rates(recipe: Recipe, steps_per_epoch: int) -> list[float] | float:
@@ -171,7 +214,6 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     steps = shard_steps(recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size), group.size)
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
                                       length=steps * recipe.batch_size * group.size, seed=recipe.seed)
-    eval_train = SegmentationSource(train_pairs, eval_transforms(recipe), recipe.in_channels)
     eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
     # unshuffled: the source permutes each epoch itself, seeded, so that a resume sees the same order
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=False, num_workers=recipe.num_workers,
@@ -181,7 +223,7 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     lrs = learning_rates(recipe, steps)
     optimizer = nn.Adam(net.trainable_params(), learning_rate=lrs, weight_decay=recipe.weight_decay)
     # in a data-parallel context this cell all-reduces the gradients (mean over the ranks)
-    train_cell = nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(recipe)), optimizer)
+    train_cell = make_train_step(net, recipe, optimizer)
     if group.size > 1:
         group.check_same(params_digest(net.get_parameters()), "initial weights")
     running_stats = [p for p in net.get_parameters() if not p.requires_grad]  # BatchNorm moving mean/var
@@ -202,12 +244,17 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
         t0 = time.perf_counter()
         train_source.set_epoch(epoch)  # epoch e's order and augmentation, the same after a resume
         train_cell.set_train(True)
-        losses = [float(train_cell(img, msk).asnumpy())
-                  for img, msk in dataset.create_tuple_iterator(num_epochs=1)]
+        losses, batch_metric = [], CaseMetrics()
+        for img, msk in dataset.create_tuple_iterator(num_epochs=1):
+            step_loss, logits = train_cell(img, msk)
+            losses.append(float(step_loss.asnumpy()))
+            batch_metric.update(logits.asnumpy() >= 0.0, msk.asnumpy())  # logit >= 0: probability >= 0.5
+        train_m = batch_metric.eval()
+        if group.size > 1:  # every rank scored as many batches: the mean of the ranks' means
+            train_m = {k: group.mean(v) for k, v in train_m.items()}
         loss = float(np.mean(losses)) if group.size == 1 else group.mean(float(np.mean(losses)))
         group.average_params(running_stats)
         t1 = time.perf_counter()
-        train_m = evaluate_case_metrics(net, eval_train, recipe.val_batch_size, group)
         val_m = evaluate_case_metrics(net, eval_val, recipe.val_batch_size, group)
         t2 = time.perf_counter()
         lr = lrs if isinstance(lrs, float) else lrs[min(epoch * steps, len(lrs)) - 1]
