@@ -79,10 +79,11 @@ PRESETS: dict[str, Recipe] = {
         name="smoke", in_channels=1, base_channels=8, image_size=64, epochs=5, steps_per_epoch=10,
         batch_size=4, val_batch_size=5, learning_rate=3e-3, num_workers=1,
     ),
-    # Native resolution: random crops of the 512 frames, 1 channel, whole-frame inference with TTA.
+    # Native resolution: random crops of the 512 frames, 1 channel, whole-frame inference with TTA;
+    # 50 x 40 steps of batch 4 train in about 90 min on 2 cores (docs/results.md).
     "fullres": Recipe(
         name="fullres", in_channels=1, base_channels=32, image_size=256, input_mode="crop",
-        augmentation="fullres", batch_size=4, val_batch_size=2, epochs=40, steps_per_epoch=40,
+        augmentation="fullres", batch_size=4, val_batch_size=2, epochs=50, steps_per_epoch=40,
         learning_rate=1e-3, weight_decay=1e-6, lr_schedule="cosine", loss="bce_dice", tta=True,
     ),
 }
