@@ -4,7 +4,7 @@ Two halves:
 
 **Inside a rank** (:func:`init_data_parallel`, :class:`ProcessGroup`): ``mindspore.communication.init``
 and ``set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True)``, after which
-``nn.TrainOneStepCell`` averages the gradients of all ranks with an all-reduce. Every rank builds
+the training step (an ``nn.TrainOneStepCell``) averages the gradients of all ranks with an all-reduce. Every rank builds
 the network after the same ``mindspore.set_seed``, so the weights start and stay identical;
 :func:`unet.train.train` checks that at the start and at the end. The group also carries what
 training needs besides the gradients, all made of MindSpore's CPU all-reduce (sum, float32 only):
