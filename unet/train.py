@@ -180,16 +180,32 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+STATE_KEYS = ("epoch", "best_epoch", "best_val_iou")
+
+
 def _save_last(out_dir: Path, train_cell: nn.Cell, state: dict) -> None:
-    """last.ckpt then last.json, each replaced atomically: last.json names a finished checkpoint."""
-    _write_atomic(out_dir / "last.ckpt", lambda p: ms.save_checkpoint(train_cell, str(p)))
+    """last.ckpt (weights, optimizer and the training state, one atomic replace) then last.json
+    (the same state, for people and tools). A kill between the two leaves a last.json one epoch
+    behind: resuming trusts the state stored inside last.ckpt."""
+    extra = {f"state_{k}": state[k] for k in STATE_KEYS}
+    _write_atomic(out_dir / "last.ckpt", lambda p: ms.save_checkpoint(train_cell, str(p), append_dict=extra))
     _write_atomic(out_dir / "last.json", lambda p: p.write_text(json.dumps(state)))
 
 
 def _resume_state(out_dir: Path, train_cell: nn.Cell) -> tuple[dict, list[dict]]:
-    """Load last.ckpt into ``train_cell``; the saved state and the history rows up to that epoch."""
-    state = json.loads((out_dir / "last.json").read_text())
-    ms.load_param_into_net(train_cell, ms.load_checkpoint(str(out_dir / "last.ckpt")))
+    """Load last.ckpt into ``train_cell``; the state saved with it and the history rows up to its epoch."""
+    params = ms.load_checkpoint(str(out_dir / "last.ckpt"))
+    stored = {k: params.pop(f"state_{k}", None) for k in STATE_KEYS}
+    if any(v is None for v in stored.values()):  # a checkpoint written before the state was stored in it
+        state = json.loads((out_dir / "last.json").read_text())
+    else:
+        state = {k: v.asnumpy().item() for k, v in stored.items()}
+        state = {"epoch": int(state["epoch"]), "best_epoch": int(state["best_epoch"]),
+                 "best_val_iou": float(state["best_val_iou"])}
+    missing, _ = ms.load_param_into_net(train_cell, params)
+    if missing:
+        raise RuntimeError(f"{out_dir / 'last.ckpt'}: no value for {len(missing)} parameters of the "
+                           f"training step, such as {missing[:3]}")
     rows: list[dict] = []
     if (out_dir / "history.csv").exists():
         rows = pd.read_csv(out_dir / "history.csv").to_dict("records")

@@ -49,6 +49,22 @@ def test_resume_continues_after_the_last_epoch(trained, frames, tmp_path):
     assert list(pd.read_csv(tmp_path / "history.csv")["epoch"]) == list(range(1, longer.epochs + 1))
 
 
+
+def test_resume_trusts_the_state_inside_last_ckpt_over_a_stale_last_json(trained, frames, tmp_path):
+    # a kill between the replace of last.ckpt and the one of last.json leaves last.json an epoch behind
+    recipe, _, out, _ = trained
+    for name in ("last.ckpt", "last.json", "history.csv", "best.ckpt"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    stale = json.loads((out / "last.json").read_text())
+    stale["epoch"] -= 1
+    (tmp_path / "last.json").write_text(json.dumps(stale))
+    longer = recipe.replace(epochs=recipe.epochs + 1)
+    result = train(longer, frames["train"], frames["val"], tmp_path, resume=True)
+    assert result.epochs_run == 1  # epoch 5's weights are not trained on epoch 5 again
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["epoch"]) == list(range(1, longer.epochs + 1))
+    pd.testing.assert_frame_equal(history.iloc[:recipe.epochs], pd.read_csv(out / "history.csv"))
+
 def test_inference_writes_native_masks_tiff_and_overlays(trained, frames, tmp_path):
     recipe, result, _, _ = trained
     net = load_model(result.best_checkpoint, recipe)
