@@ -32,7 +32,7 @@ def main() -> None:
     from skimage.morphology import remove_small_holes
 
     from unet.evaluate import read_masks
-    from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores, v_info, v_rand
+    from unet.metrics import segmentation_scores
     from unet.segment import filled_segmentation_scores
 
     prob = tifffile.imread(args.evaluate_dir / "val" / "probabilities.tif").astype(np.float32)
@@ -45,16 +45,8 @@ def main() -> None:
         kernel = np.ones((k, k), np.uint8)
         return np.stack([cv2.dilate(cv2.erode(f, kernel), kernel) for f in prob])
 
-    def holes_filled(area: int) -> dict:
-        gts = [label(t, connectivity=1) for t in target]
-        best = None
-        for t in DEFAULT_THRESHOLDS:
-            preds = [label(remove_small_holes(f >= t, area), connectivity=1) for f in prob]
-            r = float(np.mean([v_rand(g, s) for g, s in zip(gts, preds)]))
-            i = float(np.mean([v_info(g, s) for g, s in zip(gts, preds)]))
-            if best is None or r > best["v_rand"]:
-                best = {"v_rand": r, "v_rand_threshold": t, "v_info": i}
-        return best
+    def holes_filled(frame: np.ndarray, t: float) -> np.ndarray:
+        return label(remove_small_holes(frame >= t, 1000), connectivity=1)
 
     def brief(s: dict) -> dict:
         return {k: round(float(s[k]), 4) if "threshold" not in k else s[k] for k in s if k != "per_threshold"}
@@ -67,7 +59,7 @@ def main() -> None:
         "gauss_sigma2": brief(segmentation_scores(np.stack([cv2.GaussianBlur(f, (0, 0), 2) for f in prob]), target)),
         "open3": brief(segmentation_scores(opened(3), target)),
         "open5": brief(segmentation_scores(opened(5), target)),
-        "holes_filled_1000px": brief(holes_filled(1000)),
+        "holes_filled_1000px": brief(segmentation_scores(prob, target, segment=holes_filled)),
         "filled": brief(filled),
     }
     per_threshold = {t: {"strict": round(strict["per_threshold"][t]["v_rand"], 4),

@@ -6,7 +6,7 @@ probabilities of "cell" in [0, 1]. Nothing here keeps global state, prints or wr
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,11 +385,13 @@ def segmentation_scores(
     cell_prob: np.ndarray,
     target: np.ndarray,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    segment: Callable[[np.ndarray, float], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """ISBI 2012 challenge scores V_rand and V_info of a stack, best over thresholds.
 
     For each threshold ``t`` and each frame, the predicted segmentation is the 4-connected
-    components of ``cell_prob >= t`` (``skimage.measure.label(..., connectivity=1)``), the
+    components of ``cell_prob >= t`` (``skimage.measure.label(..., connectivity=1)``; or
+    ``segment(frame, t)`` when given, a post-processing such as :func:`unet.segment.segment_cells`), the
     ground truth the 4-connected components of ``target > 0``; each frame is scored with
     :func:`v_rand` and :func:`v_info` (gt foreground only), and the scores are averaged over the
     frames. The best mean over thresholds is reported with its threshold (ties: the first
@@ -404,6 +406,8 @@ def segmentation_scores(
         Binary ground truth (1 = cell, 0 = membrane), same shape.
     thresholds : sequence of float, optional
         Distinct values in [0, 1]; rounded to 2 decimals, which are the values used.
+    segment : callable, optional
+        ``(frame [H, W], threshold) -> label image``; default: the 4-connected components.
 
     Returns
     -------
@@ -419,10 +423,13 @@ def segmentation_scores(
     if prob.ndim != 3:
         raise ValueError(f"cell_prob and target must have shape [N, H, W] or [H, W], got {prob.shape}")
     ts = _check_thresholds(thresholds)
+    if segment is None:
+        def segment(frame: np.ndarray, t: float) -> np.ndarray:
+            return label(frame >= t, connectivity=1)
     gts = [label(m, connectivity=1) for m in mask]
     per_threshold: dict[float, dict[str, float]] = {}
     for t in ts:
-        preds = [label(p >= t, connectivity=1) for p in prob]
+        preds = [segment(p, t) for p in prob]
         per_threshold[t] = {
             "v_rand": float(np.mean([v_rand(g, s) for g, s in zip(gts, preds)])),
             "v_info": float(np.mean([v_info(g, s) for g, s in zip(gts, preds)])),

@@ -20,8 +20,7 @@ import numpy as np
 from skimage.measure import label
 from skimage.segmentation import expand_labels
 
-from unet.metrics import (DEFAULT_THRESHOLDS, _binary, _check_thresholds, _probabilities, _same_shape,
-                          v_info, v_rand)
+from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores
 
 __all__ = ["filled_segmentation_scores", "segment_cells"]
 
@@ -45,30 +44,7 @@ def filled_segmentation_scores(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
 ) -> dict[str, Any]:
     """V_rand and V_info of the filled segmentation (:func:`segment_cells` with
-    ``fill_membrane=True``), best over ``thresholds``; the keys and the conventions (per-frame
-    scores averaged, ties to the first threshold) of :func:`unet.metrics.segmentation_scores`."""
-    prob = _probabilities("cell_prob", cell_prob)
-    mask = _binary("target", target)
-    _same_shape(("cell_prob", "target"), prob, mask)
-    if prob.ndim == 2:
-        prob, mask = prob[None], mask[None]
-    if prob.ndim != 3:
-        raise ValueError(f"cell_prob and target must have shape [N, H, W] or [H, W], got {prob.shape}")
-    gts = [label(m, connectivity=1) for m in mask]
-    per_threshold: dict[float, dict[str, float]] = {}
-    for t in _check_thresholds(thresholds):
-        preds = [segment_cells(p, t, fill_membrane=True) for p in prob]
-        per_threshold[t] = {
-            "v_rand": float(np.mean([v_rand(g, s) for g, s in zip(gts, preds)])),
-            "v_info": float(np.mean([v_info(g, s) for g, s in zip(gts, preds)])),
-        }
-    ts = list(per_threshold)
-    best_rand = max(ts, key=lambda t: per_threshold[t]["v_rand"])
-    best_info = max(ts, key=lambda t: per_threshold[t]["v_info"])
-    return {
-        "v_rand": per_threshold[best_rand]["v_rand"],
-        "v_rand_threshold": best_rand,
-        "v_info": per_threshold[best_info]["v_info"],
-        "v_info_threshold": best_info,
-        "per_threshold": per_threshold,
-    }
+    ``fill_membrane=True``), best over ``thresholds``: :func:`unet.metrics.segmentation_scores`
+    with that segmentation."""
+    return segmentation_scores(cell_prob, target, thresholds,
+                               segment=lambda frame, t: segment_cells(frame, t, fill_membrane=True))

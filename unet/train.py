@@ -109,9 +109,6 @@ class TrainStep(nn.TrainOneStepCell):
     all-reduced across data-parallel ranks exactly as in ``nn.TrainOneStepCell``.
     """
 
-    def __init__(self, network: LossAndLogits, optimizer: nn.Optimizer) -> None:
-        super().__init__(network, optimizer)
-
     def construct(self, image, mask):
         loss, logits = self.network(image, mask)
         sens = (ops.fill(loss.dtype, loss.shape, 1.0), ops.zeros_like(logits))
@@ -199,9 +196,8 @@ def _resume_state(out_dir: Path, train_cell: nn.Cell) -> tuple[dict, list[dict]]
     if any(v is None for v in stored.values()):  # a checkpoint written before the state was stored in it
         state = json.loads((out_dir / "last.json").read_text())
     else:
-        state = {k: v.asnumpy().item() for k, v in stored.items()}
-        state = {"epoch": int(state["epoch"]), "best_epoch": int(state["best_epoch"]),
-                 "best_val_iou": float(state["best_val_iou"])}
+        state = {"epoch": int(stored["epoch"].asnumpy()), "best_epoch": int(stored["best_epoch"].asnumpy()),
+                 "best_val_iou": float(stored["best_val_iou"].asnumpy())}
     missing, _ = ms.load_param_into_net(train_cell, params)
     if missing:
         raise RuntimeError(f"{out_dir / 'last.ckpt'}: no value for {len(missing)} parameters of the "

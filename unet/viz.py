@@ -53,11 +53,20 @@ def plot_examples(images: Sequence[Path], masks: Sequence[Path], cell_prob: np.n
         errors = np.zeros(truth.shape + (3,), np.float32) + 1.0
         errors[truth & ~pred] = (0.2, 0.4, 1.0)   # predicted membrane where there is cell: extra
         errors[~truth & pred] = (1.0, 0.2, 0.2)   # predicted cell where there is membrane: missed
-        for ax, img, title in zip(axes[row], (frame, truth, pred, errors),
-                                  (Path(images[row]).name, "ground truth", "prediction", "errors")):
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
+        _show_row(axes[row], (frame, truth, pred, errors),
+                  (Path(images[row]).name, "ground truth", "prediction", "errors"))
+    return _save(plt, fig, out_png)
+
+
+def _show_row(axes, panels: Sequence[np.ndarray], titles: Sequence[str]) -> None:
+    """One row of pictures: 2-D panels in grey from 0 (black) up, RGB panels as they are."""
+    for ax, img, title in zip(axes, panels, titles):
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0 if img.ndim == 2 else None)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+
+
+def _save(plt, fig, out_png: Path | str) -> Path:
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
@@ -81,11 +90,5 @@ def plot_predictions(images: Sequence[Path], cell_prob: np.ndarray, out_png: Pat
         colours[0] = 0.0
         panels = (read_grey(images[row]), cell_prob[row], colours[cells])
         titles = (Path(images[row]).name, "cell probability", f"{int(cells.max())} cells (threshold {threshold})")
-        for ax, img, title in zip(axes[row], panels, titles):
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0 if img.ndim == 2 else None)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return Path(out_png)
+        _show_row(axes[row], panels, titles)
+    return _save(plt, fig, out_png)
