@@ -1,7 +1,9 @@
 """Datasets: albumentations pipelines per recipe and MindSpore ``GeneratorDataset`` sources.
 
-Samples are float32 image [C, H, W] in [0, 1] and float32 mask [1, H, W] in {0, 1} (1 = cell).
-Masks always go through nearest-neighbour interpolation, so they stay binary.
+Samples are float32 image [C, H, W] in [0, 1] and float32 mask [1, H, W] in {0, 1} (1 = cell);
+with boundary weights (``SegmentationSource(..., boundary=(w0, sigma))``) the mask is [2, H, W]:
+the cell mask and its U-Net weight map, augmented together. Masks and weight maps always go
+through nearest-neighbour interpolation, so masks stay binary.
 """
 from __future__ import annotations
 
@@ -46,16 +48,12 @@ def resize_transforms(size: int) -> A.Compose:
     return A.Compose([A.Resize(size, size, mask_interpolation=NEAREST)])
 
 
-def center_crop_transforms(size: int) -> A.Compose:
-    """Evaluation at the training size of a crop recipe: the central crop of the frame."""
-    return A.Compose([A.CenterCrop(size, size)])
-
-
 def eval_transforms(recipe: Recipe) -> A.Compose:
-    """What "metrics at the training size" see: the resized frame (resize recipes, the case) or
-    its central crop (crop recipes; their native-size scores come from whole-frame inference)."""
+    """What the per-epoch validation (and "metrics at the training size") see: the resized frame
+    (resize recipes, the case) or the whole native frame, without test-time augmentation (crop
+    recipes: a central crop was a quarter of the pixels and too noisy to pick the checkpoint)."""
     if recipe.input_mode == "crop":
-        return center_crop_transforms(recipe.image_size)
+        return A.Compose([])
     return resize_transforms(recipe.image_size)
 
 
@@ -87,6 +85,25 @@ def train_transforms(recipe: Recipe) -> A.Compose:
     return transform
 
 
+def boundary_weight_map(mask: np.ndarray, w0: float, sigma: float) -> np.ndarray:
+    """The U-Net weight map of a binary cell mask [H, W]: float32
+    ``1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``, d1 and d2 the Euclidean distances to the nearest
+    and the second-nearest cell (4-connected components of ``mask``; 0 inside a cell for its own).
+    Pixels on a thin membrane between two cells get about ``1 + w0``; with fewer than two cells
+    the map is all 1."""
+    from skimage.measure import label
+
+    cells = label(np.asarray(mask) > 0, connectivity=1)
+    d1 = np.full(cells.shape, np.inf, np.float32)
+    d2 = np.full(cells.shape, np.inf, np.float32)
+    for i in range(1, int(cells.max()) + 1):
+        # distance of every pixel to cell i: distanceTransform measures to the nearest zero pixel
+        d = cv2.distanceTransform((cells != i).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        d2 = np.minimum(d2, np.maximum(d1, d))
+        d1 = np.minimum(d1, d)
+    return (1.0 + w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))).astype(np.float32)
+
+
 def read_grey(path: Path | str) -> np.ndarray:
     """A PNG frame as uint8 [H, W]; a clear error if it cannot be read."""
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -106,18 +123,21 @@ class SegmentationSource:
 
     Frames are read once into memory (ISBI is 30 frames of 512x512). ``length`` lets a crop
     recipe draw more samples per epoch than there are frames; sample ``i`` uses frame
-    ``i % len(pairs)``. With a ``seed``, ``set_epoch(e)`` fixes epoch ``e``: its sample order is
+    ``i % len(pairs)``. With ``boundary=(w0, sigma)`` each mask gets its
+    :func:`boundary_weight_map` as a second channel. With a ``seed``, ``set_epoch(e)`` fixes epoch ``e``: its sample order is
     a permutation seeded by (seed, e), and each sample is augmented with random numbers seeded by
     (seed, e, i), whatever thread draws it. Training is then reproducible with parallel workers
     and after a resume (iterate the dataset unshuffled: the source does the shuffling).
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: A.Compose, in_channels: int,
-                 length: int | None = None, seed: int | None = None) -> None:
+                 length: int | None = None, seed: int | None = None,
+                 boundary: tuple[float, float] | None = None) -> None:
         if not pairs:
             raise ValueError("no (image, mask) pairs given")
         self.images = [read_grey(img) for img, _ in pairs]
         self.masks = [(read_grey(msk) > 127).astype(np.uint8) for _, msk in pairs]
+        self.weights = None if boundary is None else [boundary_weight_map(m, *boundary) for m in self.masks]
         self.transform = transform
         self.in_channels = in_channels
         self.length = length or len(pairs)
@@ -148,10 +168,12 @@ class SegmentationSource:
             index = int(self._order[index])
         k = index % len(self.images)
         transform = self.transform if self.seed is None else self._seeded_transform(index)
-        out = transform(image=self.images[k], mask=self.masks[k])
-        image = to_network_input(out["image"], self.in_channels)
-        mask = out["mask"].astype(np.float32)[None]
-        return image, mask
+        if self.weights is None:
+            out = transform(image=self.images[k], mask=self.masks[k])
+            return to_network_input(out["image"], self.in_channels), out["mask"].astype(np.float32)[None]
+        out = transform(image=self.images[k], masks=[self.masks[k], self.weights[k]])
+        mask = np.stack([m.astype(np.float32) for m in out["masks"]])
+        return to_network_input(out["image"], self.in_channels), mask
 
 
 def create_dataset(source: SegmentationSource, batch_size: int, shuffle: bool, num_workers: int = 1,

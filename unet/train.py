@@ -3,7 +3,9 @@
 
 The per-epoch train metrics score the epoch's training batches (augmented, as the case's train
 callback saw them) from the logits of the training step itself, so they cost no second forward
-pass; the val metrics run the network in inference mode on the val frames after the epoch.
+pass; the val metrics run the network in inference mode on the val frames after the epoch (as
+:func:`unet.data.eval_transforms` gives them: resized for the case, whole native frames for crop
+recipes).
 
 Output folder after ``train(...)``::
 
@@ -70,22 +72,34 @@ class MembraneDiceBCELoss(nn.Cell):
 
     The membrane is the 22 % minority class whose thin lines decide the segmentation; BCE alone
     lets the network blur them. Dice = (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) over the batch.
+    With ``weighted``, the target is [N, 2, H, W] (the mask and its boundary weight map, see
+    :func:`unet.data.boundary_weight_map`) and the BCE term is the weighted mean
+    ``sum(w * bce) / sum(w)``; the Dice term is unweighted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, weighted: bool = False) -> None:
         super().__init__()
-        self.bce = nn.BCEWithLogitsLoss()
+        self.weighted = weighted
+        self.bce = nn.BCEWithLogitsLoss(reduction="none" if weighted else "mean")
 
     def construct(self, logits, target):
+        if self.weighted:
+            weight = target[:, 1:2]
+            target = target[:, 0:1]
+            bce = (self.bce(logits, target) * weight).sum() / weight.sum()
+        else:
+            bce = self.bce(logits, target)
         membrane_p = 1.0 - ops.sigmoid(logits)
         membrane_t = 1.0 - target
         inter = (membrane_p * membrane_t).sum()
         dice = (2.0 * inter + 1.0) / (membrane_p.sum() + membrane_t.sum() + 1.0)
-        return self.bce(logits, target) + (1.0 - dice)
+        return bce + (1.0 - dice)
 
 
 def make_loss(recipe: Recipe) -> nn.Cell:
-    return MembraneDiceBCELoss() if recipe.loss == "bce_dice" else nn.BCEWithLogitsLoss()
+    if recipe.loss == "bce_dice":
+        return MembraneDiceBCELoss(weighted=recipe.boundary_weight > 0)
+    return nn.BCEWithLogitsLoss()
 
 
 class LossAndLogits(nn.Cell):
@@ -224,8 +238,10 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     ms.set_seed(recipe.seed)
 
     steps = shard_steps(recipe.steps_per_epoch or max(1, len(train_pairs) // recipe.batch_size), group.size)
+    boundary = (recipe.boundary_weight, recipe.boundary_sigma) if recipe.boundary_weight > 0 else None
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
-                                      length=steps * recipe.batch_size * group.size, seed=recipe.seed)
+                                      length=steps * recipe.batch_size * group.size, seed=recipe.seed,
+                                      boundary=boundary)
     eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
     # unshuffled: the source permutes each epoch itself, seeded, so that a resume sees the same order
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=False, num_workers=recipe.num_workers,
@@ -260,7 +276,8 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
         for img, msk in dataset.create_tuple_iterator(num_epochs=1):
             step_loss, logits = train_cell(img, msk)
             losses.append(float(step_loss.asnumpy()))
-            batch_metric.update(logits.asnumpy() >= 0.0, msk.asnumpy())  # logit >= 0: probability >= 0.5
+            # logit >= 0: probability >= 0.5; channel 0 of the mask is the cell mask (1: its weight map)
+            batch_metric.update(logits.asnumpy() >= 0.0, msk.asnumpy()[:, :1])
         train_m = batch_metric.eval()
         if group.size > 1:  # every rank scored as many batches: the mean of the ranks' means
             train_m = {k: group.mean(v) for k, v in train_m.items()}

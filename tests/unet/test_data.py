@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet.data import SegmentationSource, create_dataset, resize_transforms, train_transforms
+import albumentations as A
+
+from unet.data import (SegmentationSource, boundary_weight_map, create_dataset, resize_transforms,
+                       train_transforms)
 from unet.recipes import PRESETS
 
 
@@ -64,3 +67,49 @@ def test_generator_dataset_batches(real_pairs):
     batches = list(create_dataset(src, 4, shuffle=True, num_workers=2).create_tuple_iterator(num_epochs=1))
     assert len(batches) == 2
     assert batches[0][0].shape == (4, 1, 64, 64) and batches[0][1].shape == (4, 1, 64, 64)
+
+
+def test_boundary_weight_map_follows_the_unet_formula():
+    # two 20x20 cells 4 px apart: on the gap d1 + d2 = 4 (+1 per pixel off-centre), far away it is 1
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 5:25] = 1
+    mask[10:30, 29:49] = 1
+    w = boundary_weight_map(mask, w0=10.0, sigma=5.0)
+    assert w.shape == mask.shape and w.dtype == np.float32
+    # gap pixel at column 26: 2 px to the left cell's last column (24), 3 px to the right one's (29)
+    assert w[20, 26] == pytest.approx(1 + 10 * np.exp(-(2 + 3) ** 2 / 50), rel=1e-4)
+    # a cell pixel on the border: 0 to its own cell, 5 to the other
+    assert w[20, 24] == pytest.approx(1 + 10 * np.exp(-5**2 / 50), rel=1e-4)
+    # deep inside the left cell and far from both: almost 1
+    assert w[20, 6] < 1.01 and w[0, 59] < 1.01
+    # one cell alone: no second cell, weight 1 everywhere
+    assert np.all(boundary_weight_map(mask[:, :27], 10.0, 5.0) == 1.0)
+
+
+def test_boundary_weights_are_highest_on_the_membranes_of_real_frames(real_pairs):
+    src = SegmentationSource(real_pairs, A.Compose([]), 1, boundary=(10.0, 5.0))
+    for mask, w in zip(src.masks, src.weights):
+        assert w.min() >= 1.0 and w.max() <= 11.0
+        # the membranes between cells weigh more than the cells; cell pixels 20 px or more from any
+        # membrane have no second cell within reach and weigh about 1
+        assert w[mask == 0].mean() > 1.5 * w[mask == 1].mean()
+        deep = cv2.distanceTransform(mask, cv2.DIST_L2, 5) >= 20
+        assert deep.sum() > 1000 and w[deep].max() < 1.01
+
+
+def test_weighted_sample_carries_the_weight_map_through_the_augmentation(real_pairs):
+    r = PRESETS["fullres"].replace(boundary_weight=10.0)
+    src = SegmentationSource(real_pairs, train_transforms(r), r.in_channels, length=8, seed=0,
+                             boundary=(r.boundary_weight, r.boundary_sigma))
+    src.set_epoch(1)
+    image, mask = src[3]
+    assert image.shape == (1, 256, 256) and mask.shape == (2, 256, 256) and mask.dtype == np.float32
+    cells, weight = mask
+    assert set(np.unique(cells)) <= {0.0, 1.0}
+    # the weight map moved with the mask: its heavy pixels lie on the (augmented) membranes
+    assert weight[cells == 0].mean() > 1.5 * weight[cells == 1].mean()
+    # the same sample without weights is the same crop of the same mask
+    plain = SegmentationSource(real_pairs, train_transforms(r), r.in_channels, length=8, seed=0)
+    plain.set_epoch(1)
+    np.testing.assert_array_equal(plain[3][1][0], cells)
+    np.testing.assert_array_equal(plain[3][0], image)

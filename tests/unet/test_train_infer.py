@@ -39,6 +39,16 @@ def test_loss_goes_down_and_model_beats_chance(trained):
     assert result.best_val_iou > 0.5  # all-membrane scores 0 IoU on the cell class
 
 
+def test_boundary_weighted_training_learns(frames, tmp_path):
+    # the mask column is [N, 2, H, W] (mask and weight map) through the dataset and the step
+    recipe = PRESETS["smoke"].replace(loss="bce_dice", boundary_weight=10.0)
+    result = train(recipe, frames["train"], frames["val"], tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert 0.0 < history["train_iou"].iloc[-1] <= 1.0  # scored against the mask channel only
+    assert result.best_val_iou > 0.5
+
+
 def test_resume_continues_after_the_last_epoch(trained, frames, tmp_path):
     recipe, _, out, _ = trained
     for name in ("last.ckpt", "last.json", "history.csv", "best.ckpt"):

@@ -41,3 +41,25 @@ def test_train_step_matches_train_one_step_cell(frames, loss):
         assert pa.name == pb.name
         np.testing.assert_allclose(pa.asnumpy(), pb.asnumpy(), rtol=1e-4, atol=1e-6, err_msg=pa.name)
     assert not np.allclose(net_a.enc1.block[0].weight.asnumpy(), build()[0].enc1.block[0].weight.asnumpy())
+
+
+def test_boundary_weighted_loss(frames):
+    (img_path, mask_path), = frames["train"][:1]
+    rng = np.random.default_rng(0)
+    logits = ms.Tensor(rng.normal(size=(2, 1, 32, 32)).astype(np.float32))
+    y = (read_grey(mask_path)[None, None, :32, :32] > 127).astype(np.float32).repeat(2, axis=0)
+    plain = make_loss(PRESETS["fullres"].replace(boundary_weight=0.0))
+    weighted = make_loss(PRESETS["fullres"].replace(boundary_weight=10.0))
+    # all weights 1: the plain loss
+    ones = ms.Tensor(np.concatenate([y, np.ones_like(y)], axis=1))
+    assert float(weighted(logits, ones).asnumpy()) == pytest.approx(float(plain(logits, ms.Tensor(y)).asnumpy()),
+                                                                    rel=1e-5)
+    # weight only on the pixels the logits get wrong: the BCE term grows
+    wrong = ((logits.asnumpy() >= 0) != (y > 0.5)).astype(np.float32)
+    heavy = ms.Tensor(np.concatenate([y, 1 + 10 * wrong], axis=1))
+    assert float(weighted(logits, heavy).asnumpy()) > float(weighted(logits, ones).asnumpy()) + 0.1
+
+
+def test_boundary_weight_needs_the_dice_loss():
+    with pytest.raises(ValueError, match="boundary_weight needs loss 'bce_dice'"):
+        PRESETS["seed"].replace(boundary_weight=10.0)
