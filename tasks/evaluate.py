@@ -1,5 +1,6 @@
-"""Stage 5: metrics of the best checkpoint — the case's five at the training size on train and
-val, and native-size predictions of val (written) and train (scored only) scored for both classes
+"""Stage 5: metrics of the best checkpoint — the case's five on train and val as training's
+per-epoch validation sees them (``unet.data.eval_transforms``: the case's 224 resize, or whole
+frames without TTA for crop recipes), and native-size predictions of val (written) and train (scored only) scored for both classes
 and with V_rand / V_info."""
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.p
 
 @task(name="evaluate", cache_policy=POLICY)
 def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
-    """Write metrics.json (train, val: training size; train_native, val_native: whole frames), val
+    """Write metrics.json (train, val: as training's per-epoch validation; train_native, val_native: whole frames), val
     predictions at native size (val/masks, val/probabilities.tif, val/overlays) and figures
     (history.png, val_examples.png)."""
     from unet.data import SegmentationSource, eval_transforms, read_grey

@@ -75,7 +75,7 @@ def write_summary(work_dir: str, summary: dict) -> Path:
 def metrics_rows(metrics: dict) -> list[dict]:
     """Rows of our metrics beside the case's published ones (the unet-metrics table)."""
     rows = []
-    for name, label in (("train", "train (ours, training size)"), ("val", "val (ours, training size)"),
+    for name, label in (("train", "train (ours, training eval)"), ("val", "val (ours, training eval)"),
                         ("train_native", "train (ours, native size)"), ("val_native", "val (ours, native size)")):
         if name not in metrics:  # train_native: evaluations made before it existed
             continue

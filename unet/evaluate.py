@@ -1,4 +1,5 @@
-"""Evaluation: the case's metrics at the training size, and native-size scores of predictions.
+"""Evaluation: native-size scores of predictions (the case's metrics as training validates are
+:func:`unet.train.evaluate_case_metrics`).
 
 ``native_scores`` is what the pipeline reports for full-size predictions: the case's five
 per-image metrics (cell class), dataset-level confusion scores for both classes, and the ISBI

@@ -26,11 +26,11 @@ def plot_history(history_csv: Path | str, out_png: Path | str) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(h["epoch"], h["loss"], color="tab:red")
     ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
-    ax2.plot(h["epoch"], h["train_iou"], label="train IoU")
-    ax2.plot(h["epoch"], h["val_iou"], label="val IoU")
+    ax2.plot(h["epoch"], h["train_iou"], label="train IoU (training batches)")
+    ax2.plot(h["epoch"], h["val_iou"], label="val IoU (no TTA)")
     best = h.loc[h["val_iou"].idxmax()]
     ax2.axvline(best["epoch"], color="grey", ls=":", label=f"best val {best['val_iou']:.3f} (epoch {int(best['epoch'])})")
-    ax2.set(xlabel="epoch", ylabel="IoU (cell class)", title="IoU at the training size")
+    ax2.set(xlabel="epoch", ylabel="IoU (cell class)", title="IoU per epoch")
     ax2.legend(loc="lower right", fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "unet-pool"
 STAGES = ["extract", "split", "datasets", "train", "evaluate", "predict"]
-OUR_ROWS = ["train (ours, training size)", "val (ours, training size)", "val (ours, native size)"]
+OUR_ROWS = ["train (ours, training eval)", "val (ours, training eval)", "val (ours, native size)"]
 
 
 # --- processes ---------------------------------------------------------------------------------
