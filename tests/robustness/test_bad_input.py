@@ -15,7 +15,7 @@ import pytest
 
 from robustness_support import SMOKE, make_data
 
-import flows.full_pipeline as fp
+import flows.cli as fp
 
 ARGS_ERROR, FAILED = 2, 1
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-import flows.full_pipeline as fp
+import flows.cli as fp
 from robustness_support import SMOKE, STAGES, finished, make_data, only, states, summary_of
 
 pytestmark = pytest.mark.slow

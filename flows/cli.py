@@ -1,0 +1,339 @@
+"""The command line of the main job, ``python flows/full_pipeline.py``: arguments, input checks
+before anything starts, one-line errors, exit codes, and SIGTERM/SIGHUP handling that never leaves
+the temporary Prefect server behind. The flow itself is :func:`flows.full_pipeline.full_pipeline`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import errno
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn
+
+from flows.full_pipeline import full_pipeline, resolve_recipe, volume_paths
+from tasks.report import format_console
+from tasks.stage import _locked
+from unet.frames import check_pair, read_labels, read_volume
+from unet.recipes import PRESETS
+from unet.split import assign_subsets
+
+
+# Exit codes of the command line (README: "What to expect").
+EXIT_FAILED = 1        # bad input data, unwritable work directory, disk full, any failed stage
+EXIT_USAGE = 2         # invalid command-line arguments or recipe values
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM / SIGHUP
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt: Prefect
+    records the run as Crashed, ``finally`` blocks run and the interpreter exits normally, so the
+    temporary Prefect server this process started (stopped by an ``atexit`` hook) does not outlive it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def check_inputs(data_dir: str, recipe: dict, split: str = "every_third", split_seed: int = 0) -> dict:
+    """Validate the three stacks exactly as the extract and split stages will, before anything
+    starts: a bad file fails in a second with one line naming it, instead of after the temporary
+    server's start-up, and nothing is written. Returns frame counts and shapes."""
+    paths = volume_paths(data_dir)
+    notes = logging.getLogger("unet.frames")
+    level = notes.level
+    notes.setLevel(logging.ERROR)  # conversion notes are logged once, by the extract stage
+    try:
+        images = read_volume(paths["train_volume"])
+        labels = read_labels(paths["train_labels"])
+        check_pair(images, labels, paths["train_volume"], paths["train_labels"])
+        test = read_volume(paths["test_volume"])
+    finally:
+        notes.setLevel(level)
+    try:
+        assign_subsets([f"{i:05d}" for i in range(len(labels))], mode=split, seed=split_seed)
+    except ValueError as exc:
+        raise ValueError(f"{paths['train_labels']}: {exc}") from None
+    h, w = images.shape[1:]
+    if recipe["input_mode"] == "crop" and min(h, w) < recipe["image_size"]:
+        raise ValueError(f"{paths['train_volume']}: frames are {h}x{w}, smaller than the {recipe['image_size']}px "
+                         f"crops of the {recipe['name']!r} recipe; use a resize preset (seed, smoke)")
+    return {"train_frames": len(images), "frame_shape": [h, w], "test_frames": len(test),
+            "test_frame_shape": list(test.shape[1:])}
+
+
+def check_work_dir(work_dir: str) -> Path:
+    """Create the work directory if needed and make sure files can be created in it."""
+    work = Path(work_dir).expanduser().resolve()
+    if work.exists() and not work.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "work directory exists and is not a folder", str(work))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work):
+            pass
+    except OSError as exc:
+        what = "written to" if work.is_dir() else "created"
+        raise OSError(exc.errno, f"work directory cannot be {what} ({exc.strerror or exc})", str(work)) from None
+    return work
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server now, one process at a time per ``PREFECT_HOME``.
+
+    Without ``PREFECT_API_URL`` every run starts its own server on ``$PREFECT_HOME/prefect.db``,
+    and each server's start-up migrates that database and registers Prefect's block types. Two
+    runs starting together race there (the servers log IntegrityError tracebacks; two migrations
+    of a new database can fail). Prefect keeps one temporary server per process and the flow uses
+    this one; it is stopped when the process exits."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    home = Path(PREFECT_HOME.value()).expanduser()
+    with _locked(home / ".temporary-server-start.lock"):
+        SubprocessASGIServer().start()
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the console: the message (``path: what``), the type only for unexpected errors."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        if exc.filename2:
+            text += f" -> {exc.filename2}"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[0] if lines else ""
+        if not isinstance(exc, (ValueError, OSError)):
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            text += " (run with --debug for the traceback)"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Formats like ``inner`` without the exception's traceback (on a copy of the record, so that
+    Prefect's API handler still sends the traceback to the UI)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = copy.copy(record)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return self.inner.format(record)
+
+
+@contextlib.contextmanager
+def _console_without_tracebacks() -> Iterator[None]:
+    """Prefect logs a failed task's traceback (twice) on the console; without --debug, only the
+    log lines and the final ``error:`` line are printed."""
+    handlers = {h for name in ("", "prefect", "uvicorn", "fastapi", "unet")
+                for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)}
+    saved = {h: h.formatter for h in handlers}
+    for h in handlers:
+        h.setFormatter(_NoTracebackFormatter(h.formatter))
+    try:
+        yield
+    finally:
+        for h, formatter in saved.items():
+            h.setFormatter(formatter)
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    """Before the flow starts nothing needs cleaning up: SIGTERM/SIGHUP end the process at once,
+    with one line (an exception could land inside an import and break the module for good)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        sys.stderr.write(f"error: stopped by {signal.Signals(signum).name} before the pipeline started\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {signum: signal.signal(signum, exit_now) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+class _Signals:
+    """What :func:`_signals_raise` saw: the termination signals received."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def settled(self) -> None:
+        """Stop re-raising: main() has the exception."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[_Signals]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the pipeline runs.
+
+    Python's default action kills the process at once: no ``atexit`` hook runs, and the temporary
+    Prefect server (a uvicorn child process) is left running. Prefect replaces the SIGTERM handler
+    while a flow runs, marks the run Crashed, then re-sends the signal to the handler it found —
+    this one. Python drops an exception raised inside a weakref callback (the import system uses
+    them) and library code may wrap it in another (pydantic does, in a serializer): the exception
+    is raised again every 2 s until ``main`` has it, and ``received`` tells ``main`` what really
+    happened. A signal that is ignored (``nohup``) stays ignored."""
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+
+    def raise_again(signum: int, frame: object) -> None:
+        raise Terminated(signals.received[0])
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        signals.received.append(signum)
+        signal.signal(signal.SIGALRM, raise_again)
+        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
+        raise Terminated(signum)
+
+    previous: dict[int, Callable | int | None] = {signal.SIGALRM: signal.getsignal(signal.SIGALRM)}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, raise_terminated)
+    try:
+        yield signals
+    finally:
+        signals.settled()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _number(kind: type, low: float, what: str, high: float | None = None, strict: bool = False) -> Callable:
+    """An argparse type: ``kind`` within [low, high] (``strict``: above ``low``), finite."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (not math.isfinite(value) or value < low or (strict and value == low)
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, "an integer >= 1")
+SEED = _number(int, 0, "an integer from 0 to 4294967295", high=2**32 - 1)
+POSITIVE_FLOAT = _number(float, 0.0, "a number > 0", strict=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) and exit with EXIT_USAGE."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python flows/full_pipeline.py",
+        description="Train, evaluate and apply a UNet to the ISBI 2012 EM stacks (cached Prefect pipeline).",
+        epilog="Presets: " + "; ".join(f"{k}: {v.base_channels}-channel UNet, {v.image_size}px "
+                                       f"{v.input_mode}, {v.epochs} epochs" for k, v in PRESETS.items())
+               + ". Exit codes: 0 done, 1 failed (bad input, disk full, ...), 2 invalid arguments, "
+                 "130 interrupted, 143 terminated.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default="datasets/ISBI",
+                   help="folder with train-volume.tif, train-labels.tif, test-volume.tif")
+    p.add_argument("--work-dir", default="artifacts", help="where stage folders and run summaries go")
+    p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="training recipe")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's number of epochs")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="override the preset's training batch size")
+    p.add_argument("--base-channels", type=POSITIVE_INT,
+                   help="override the UNet width (channels of the first block)")
+    p.add_argument("--learning-rate", type=POSITIVE_FLOAT, help="override the preset's Adam learning rate")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-fold flip/rotate test-time augmentation (default: the preset's)")
+    p.add_argument("--seed", type=SEED, help="random seed of initialisation and augmentation")
+    p.add_argument("--split", default="every_third", choices=["every_third", "random"],
+                   help="train/val split: the case's every third frame to val, or a seeded random 2:1")
+    p.add_argument("--split-seed", type=SEED, default=0, help="seed of --split random")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1,
+                   help="data-parallel training processes started with msrun (docs/distributed.md)")
+    p.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring caches")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code. Arguments, the three stacks and the work directory
+    are checked before the flow (and Prefect's temporary server) starts; every error is reported as
+    one ``error: ...`` line on stderr, with a traceback only under ``--debug``."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or an argument error already printed as one line
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    params = {k: v for k, v in vars(args).items() if k != "debug"}
+    try:
+        recipe = resolve_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size,
+                                base_channels=args.base_channels, learning_rate=args.learning_rate,
+                                tta=args.tta, seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    with _signals_exit():
+        try:
+            check_inputs(args.data_dir, recipe, args.split, args.split_seed)
+            check_work_dir(args.work_dir)
+            # Import MindSpore now, before SIGTERM is turned into an exception: a signal landing in
+            # the middle of its import (the train stage imports it lazily) leaves a half-initialised
+            # module whose exit hook aborts the interpreter (SIGABRT and a C-level traceback at exit).
+            import mindspore  # noqa: F401
+        except Exception as exc:
+            if args.debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+    quiet = contextlib.nullcontext() if args.debug else _console_without_tracebacks()
+    with _signals_raise() as signals, quiet:
+        try:
+            start_temporary_server()
+            summary = full_pipeline(**params)
+            signals.settled()  # a signal whose exception was lost: the run completed regardless
+        except (Terminated, KeyboardInterrupt, Exception) as exc:
+            signals.settled()
+            received = signals.received
+            if received or isinstance(exc, (Terminated, KeyboardInterrupt)):
+                how = (f"stopped by {signal.Signals(received[0]).name}" if received else "interrupted")
+                print(f"error: {how}; finished stages are kept and the next run reuses them "
+                      "(training resumes from its last finished epoch)", file=sys.stderr)
+                return EXIT_TERMINATED if received else EXIT_INTERRUPTED
+            if args.debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        print(format_console(summary))
+    return 0
+
+
+def run() -> int:
+    """:func:`main`, then ignore SIGTERM while the interpreter shuts down: shutdown stops the
+    temporary Prefect server (an atexit hook, up to 5 s), and a second SIGTERM must not cut that
+    short and leave the server behind."""
+    code = main()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
