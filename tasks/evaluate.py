@@ -42,10 +42,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: 
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
         metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
         preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta)
-        import tifffile
-        probs = tifffile.imread(preds.probabilities)
-        if probs.ndim == 2:
-            probs = probs[None]
+        probs = preds.cell_prob
         metrics["val_native"] = native_scores(probs, read_masks([m for _, m in val_pairs]))
         train_probs = np.stack([predict_frame(net, read_grey(img), config, tta=config.tta) for img, _ in train_pairs])
         metrics["train_native"] = native_scores(train_probs, read_masks([m for _, m in train_pairs]))

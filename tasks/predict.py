@@ -18,7 +18,6 @@ POLICY = StagePolicy(stage="predict", code=("tasks/predict.py", "tasks/stage.py"
 def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
     """Write test/masks/<stem>.png, test/probabilities.tif (float32 N x H x W), test/overlays and
     test_examples.png."""
-    import tifffile
 
     from unet.infer import load_model, predict_files
     from unet.recipes import Recipe
@@ -33,8 +32,7 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refre
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
         out = predict_files(net, images, config, folder / "test", tta=config.tta,
                             on_frame=lambda i, n: logger.info("test frame %d/%d", i, n) if i % 10 == 0 or i == n else None)
-        probs = tifffile.imread(out.probabilities)
-        plot_predictions(images, probs if probs.ndim == 3 else probs[None], folder / "test_examples.png")
+        plot_predictions(images, out.cell_prob, folder / "test_examples.png")
         return {"test_masks": "test/masks", "test_probabilities": "test/probabilities.tif",
                 "test_overlays": "test/overlays", "test_examples_png": "test_examples.png", "frames": out.frames}
 

@@ -135,6 +135,7 @@ class PredictionOutputs:
     probabilities: Path   # float32 N x H x W TIFF of cell probabilities (the challenge's format)
     overlays: Path        # <stem>.png, frame with predicted membrane in red
     frames: int
+    cell_prob: np.ndarray  # the probabilities written to the TIFF, float32 [N, H, W]
 
 
 def _imwrite(path: Path, image: np.ndarray) -> None:
@@ -146,7 +147,7 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
                   tta: bool = False, threshold: float = 0.5,
                   on_frame: Callable[[int, int], None] | None = None) -> PredictionOutputs:
     """Predict every PNG in ``images`` (in the given order) and write masks, the probability
-    TIFF and overlays under ``out_dir``. Returns where they are."""
+    TIFF and overlays under ``out_dir``. Returns where they are, and the probabilities."""
     out_dir = Path(out_dir)
     masks_dir, overlays_dir = out_dir / "masks", out_dir / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,8 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
     tiff = out_dir / "probabilities.tif"
     tmp = out_dir / "probabilities.tmp.tif"
     # one grey page per frame (without photometric, a 3-frame stack would be stored as RGB)
-    tifffile.imwrite(tmp, np.stack(probs).astype(np.float32), photometric="minisblack")
+    stack = np.stack(probs).astype(np.float32)
+    tifffile.imwrite(tmp, stack, photometric="minisblack")
     os.replace(tmp, tiff)
     log.info("predicted %d frames into %s", len(probs), out_dir)
-    return PredictionOutputs(masks_dir, tiff, overlays_dir, len(probs))
+    return PredictionOutputs(masks_dir, tiff, overlays_dir, len(probs), stack)

@@ -83,6 +83,7 @@ def test_inference_writes_native_masks_tiff_and_overlays(trained, frames, tmp_pa
     probs = tifffile.imread(out.probabilities)
     assert probs.shape == (3, 512, 512) and probs.dtype == np.float32
     assert 0.0 <= probs.min() and probs.max() <= 1.0
+    np.testing.assert_array_equal(out.cell_prob, probs)  # what the tasks score is what was written
     for img in images:
         mask = cv2.imread(str(out.masks / img.name), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
