@@ -285,6 +285,22 @@ def test_sigterm_in_training_leaves_no_server(data, pipeline, tmp_path):
     assert not finished(work, "train") and len(list((work / "train").glob("*.partial"))) == 1
 
 
+def test_sigterm_as_the_evaluate_stage_starts_leaves_no_server(data, pipeline, tmp_path):
+    # between stages the main thread is in Prefect's task machinery and lazy imports, not in training
+    work = tmp_path / "work"
+    args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS]
+    code, err = _sigterm_when(pipeline, args, "term-evaluate",
+                              lambda: (work / "evaluate").is_dir() and any((work / "evaluate").glob("*.partial")),
+                              "the evaluate stage to start")
+    assert code == 143, err[-3000:]
+    [line] = error_lines(err)
+    assert line.startswith("error: stopped by SIGTERM"), line
+    assert "Traceback" not in err
+    left = wait_gone(pipeline.home, 15)
+    assert left == {}, f"still running after SIGTERM: {left}"
+    assert finished(work, "train") and not finished(work, "evaluate")
+
+
 def test_sigterm_while_the_server_starts_leaves_no_server(data, pipeline, tmp_path):
     work = tmp_path / "work"
     log = pipeline.logs / "term-early.err"
