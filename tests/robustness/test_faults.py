@@ -263,25 +263,28 @@ def test_sigkill_while_predict_writes_redoes_only_predict(kill_story):
     assert leftovers == [], "partial folders left behind"
 
 
-def _sigterm_when(pipeline, args, name, ready, what) -> tuple[int, str]:
+def _sigterm_when(pipeline, args, name, ready, what, one_line: bool = True) -> None:
+    """Start a run, SIGTERM it once ``ready()``; it must exit with 143 and without a traceback
+    (with ``one_line``: one ``error: stopped by SIGTERM`` line), its server gone within 15 s."""
     proc = pipeline.start(args, name)
     wait_for(ready, proc, 300, what)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(120)
-    return code, pipeline.output(proc)[1]
+    err = pipeline.output(proc)[1]
+    assert code == 143, err[-3000:]
+    if one_line:
+        [line] = error_lines(err)
+        assert line.startswith("error: stopped by SIGTERM"), line
+    assert "Traceback" not in err
+    left = wait_gone(pipeline.home, 15)
+    assert left == {}, f"still running after SIGTERM: {left}"
 
 
 def test_sigterm_in_training_leaves_no_server(data, pipeline, tmp_path):
     work = tmp_path / "work"
     args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS, "--epochs", "40"]
-    code, err = _sigterm_when(pipeline, args, "term", lambda: any(_history_rows(h) >= 1 for h in _partial_history(work)),
-                              "the first epoch")
-    assert code == 143, err[-3000:]
-    [line] = error_lines(err)
-    assert line.startswith("error: stopped by SIGTERM"), line
-    assert "Traceback" not in err
-    left = wait_gone(pipeline.home, 15)
-    assert left == {}, f"still running after SIGTERM: {left}"
+    _sigterm_when(pipeline, args, "term", lambda: any(_history_rows(h) >= 1 for h in _partial_history(work)),
+                  "the first epoch")
     assert not finished(work, "train") and len(list((work / "train").glob("*.partial"))) == 1
 
 
@@ -289,15 +292,9 @@ def test_sigterm_as_the_evaluate_stage_starts_leaves_no_server(data, pipeline, t
     # between stages the main thread is in Prefect's task machinery and lazy imports, not in training
     work = tmp_path / "work"
     args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS]
-    code, err = _sigterm_when(pipeline, args, "term-evaluate",
-                              lambda: (work / "evaluate").is_dir() and any((work / "evaluate").glob("*.partial")),
-                              "the evaluate stage to start")
-    assert code == 143, err[-3000:]
-    [line] = error_lines(err)
-    assert line.startswith("error: stopped by SIGTERM"), line
-    assert "Traceback" not in err
-    left = wait_gone(pipeline.home, 15)
-    assert left == {}, f"still running after SIGTERM: {left}"
+    _sigterm_when(pipeline, args, "term-evaluate",
+                  lambda: (work / "evaluate").is_dir() and any((work / "evaluate").glob("*.partial")),
+                  "the evaluate stage to start")
     assert finished(work, "train") and not finished(work, "evaluate")
 
 
@@ -305,13 +302,8 @@ def test_sigterm_while_the_server_starts_leaves_no_server(data, pipeline, tmp_pa
     work = tmp_path / "work"
     log = pipeline.logs / "term-early.err"
     args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS]
-    code, err = _sigterm_when(pipeline, args, "term-early",
-                              lambda: log.exists() and "Starting temporary server" in log.read_text(),
-                              "the temporary server to start")
-    assert code == 143, err[-3000:]
-    assert "Traceback" not in err
-    left = wait_gone(pipeline.home, 15)
-    assert left == {}, f"still running after SIGTERM: {left}"
+    _sigterm_when(pipeline, args, "term-early", lambda: log.exists() and "Starting temporary server" in log.read_text(),
+                  "the temporary server to start", one_line=False)
 
 
 def test_disk_full_in_a_stage_is_one_line_without_traceback(data, pipeline, tmp_path):
