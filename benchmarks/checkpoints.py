@@ -24,7 +24,6 @@ def main() -> None:
     p.add_argument("--train-dir", type=Path, required=True, help="a train stage folder (best.ckpt, last.ckpt)")
     p.add_argument("--split-dir", type=Path, required=True, help="the split stage folder of the same run")
     p.add_argument("--tta", action="store_true", help="8-fold flip/rotate test-time augmentation")
-    p.add_argument("--checkpoints", nargs="+", default=["best.ckpt", "last.ckpt"])
     args = p.parse_args()
 
     from unet.data import read_grey
@@ -37,13 +36,13 @@ def main() -> None:
     images = sorted((args.split_dir / "val" / "image").glob("*.png"))
     target = read_masks(sorted((args.split_dir / "val" / "mask").glob("*.png")))
     history = json.loads((args.train_dir / "last.json").read_text())
-    for name in args.checkpoints:
+    for name, epoch in (("best.ckpt", history["best_epoch"]), ("last.ckpt", history["epoch"])):
         t0 = time.perf_counter()
         net = load_model(args.train_dir / name, recipe)
         prob = np.stack([predict_frame(net, read_grey(img), recipe, tta=args.tta) for img in images])
         s = native_scores(prob, target)
         common.emit({"benchmark": "checkpoints", "train_dir": str(args.train_dir), "checkpoint": name,
-                     "epoch": history["best_epoch"] if name == "best.ckpt" else history["epoch"],
+                     "epoch": epoch,
                      "tta": args.tta, "frames": len(images), "seconds": round(time.perf_counter() - t0, 1),
                      **{k: round(float(s[k]), 4) for k in ("iou", "acc", "membrane_dice", "membrane_iou", "v_rand",
                                                            "v_info", "v_rand_filled")},

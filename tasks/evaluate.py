@@ -1,7 +1,7 @@
 """Stage 5: metrics of the best checkpoint — the case's five on train and val as training's
 per-epoch validation sees them (``unet.data.eval_transforms``: the case's 224 resize, or whole
-frames without TTA for crop recipes), and native-size predictions of val (written) and train (scored only) scored for both classes
-and with V_rand / V_info."""
+frames without TTA for crop recipes), and native-size predictions of val (written) and train
+(scored only) scored for both classes and with V_rand / V_info."""
 from __future__ import annotations
 
 import json
@@ -22,8 +22,8 @@ POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.p
 
 @task(name="evaluate", cache_policy=POLICY)
 def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
-    """Write metrics.json (train, val: as training's per-epoch validation; train_native, val_native: whole frames), val
-    predictions at native size (val/masks, val/probabilities.tif, val/overlays) and figures
+    """Write metrics.json (train, val: as training's per-epoch validation; train_native,
+    val_native: whole frames), val predictions at native size (val/masks, val/probabilities.tif, val/overlays) and figures
     (history.png, val_examples.png)."""
     from unet.data import SegmentationSource, eval_transforms, read_grey
     from unet.evaluate import native_scores, read_masks
