@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="8-fold flip/rotate test-time augmentation (default: the preset's)")
     p.add_argument("--seed", type=SEED, help="random seed of initialisation and augmentation")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
+                   help="shift val and test predictions by the sub-pixel offset between the train frames' "
+                        "predictions and their labels (unet/align.py)")
     p.add_argument("--split", default="every_third", choices=["every_third", "random"],
                    help="train/val split: the case's every third frame to val, or a seeded random 2:1")
     p.add_argument("--split-seed", type=SEED, default=0, help="seed of --split random")

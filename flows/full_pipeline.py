@@ -59,9 +59,11 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                   epochs: int | None = None, batch_size: int | None = None, base_channels: int | None = None,
                   learning_rate: float | None = None, tta: bool | None = None, seed: int | None = None,
                   split: str = "every_third", split_seed: int = 0, refresh: bool = False,
-                  workers: int = 1) -> dict:
+                  workers: int = 1, align: bool = True) -> dict:
     """Extract, split, build datasets, train, evaluate, keep the better of the new model and the
-    champion, and predict the test frames with the champion; returns the run summary."""
+    champion, and predict the test frames with the champion; returns the run summary. ``align``:
+    shift val and test predictions by the offset between the train frames' predictions and their
+    labels (unet/align.py)."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, base_channels=base_channels,
                             learning_rate=learning_rate, tta=tta, seed=seed)
     work = str(Path(work_dir).resolve())
@@ -78,19 +80,21 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                                  workers=workers)
     model = stages["train"][2]
     stages["evaluate"] = call_stage(evaluate, refresh=refresh, datasets=datasets, model=model, recipe=recipe,
-                                    work_dir=work)
+                                    work_dir=work, align=align)
     champion = read_champion(work)
     champion_evaluation = None
     if champion is not None and champion["model"]["key"] != model["key"]:
         champion_evaluation = call_stage(evaluate, datasets=datasets, model=champion["model"],
-                                         recipe=champion["recipe"], work_dir=work)[2]
+                                         recipe=champion["recipe"], work_dir=work, align=align)[2]
     run_name = runtime.flow_run.name or "local"
     decision = promote_champion(work, model, recipe, stages["evaluate"][2], champion, champion_evaluation, run_name)
-    stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets,
-                                   model=decision["champion"]["model"], recipe=decision["champion"]["recipe"],
-                                   work_dir=work)
+    kept = decision["champion"]
+    kept_evaluation = stages["evaluate"][2] if kept["model"]["key"] == model["key"] else champion_evaluation
+    stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets, model=kept["model"],
+                                   recipe=kept["recipe"], work_dir=work,
+                                   alignment=kept_evaluation["alignment"] if align else None)
     parameters = {"data_dir": str(Path(data_dir).resolve()), "work_dir": work, "preset": preset,
-                  "split": split, "split_seed": split_seed, "workers": workers, "recipe": recipe}
+                  "split": split, "split_seed": split_seed, "workers": workers, "align": align, "recipe": recipe}
     summary = build_summary(run_name, parameters, stages, decision)
     write_summary(work, summary)
     publish_artifacts(summary)

@@ -1,7 +1,12 @@
 """Stage 5: metrics of the best checkpoint — the case's five on train and val as training's
 per-epoch validation sees them (``unet.data.eval_transforms``: the case's 224 resize, or whole
 frames without TTA for crop recipes), and native-size predictions of val (written) and train
-(scored only) scored for both classes and with V_rand / V_info."""
+(scored only) scored for both classes and with V_rand / V_info.
+
+With ``align`` (the default), the sub-pixel shift that best maps the train frames' predictions onto
+their labels (:mod:`unet.align`) is estimated here, applied to the val predictions before they are
+scored and written, and returned for the predict stage; the val scores without it are kept as
+``val_native_unaligned``."""
 from __future__ import annotations
 
 import json
@@ -17,14 +22,16 @@ from tasks.train import dataset_pairs
 POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.py", "unet/evaluate.py",
                                              "unet/infer.py", "unet/metrics.py", "unet/model.py",
                                              "unet/data.py", "unet/viz.py", "unet/train.py", "unet/distributed.py",
-                                             "unet/segment.py"))
+                                             "unet/segment.py", "unet/align.py"))
 
 
 @task(name="evaluate", cache_policy=POLICY)
-def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
+def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bool = True,
+             refresh: bool = False) -> dict:
     """Write metrics.json (train, val: as training's per-epoch validation; train_native,
-    val_native: whole frames), val predictions at native size (val/masks, val/probabilities.tif, val/overlays) and figures
-    (history.png, val_examples.png)."""
+    val_native: whole frames; alignment and val_native_unaligned), val predictions at native size
+    (val/masks, val/probabilities.tif, val/overlays) and figures (history.png, val_examples.png)."""
+    from unet.align import Alignment, estimate_shift, shift
     from unet.data import SegmentationSource, eval_transforms, read_grey
     from unet.evaluate import native_scores, read_masks
     from unet.infer import load_model, predict_files, predict_frame
@@ -41,22 +48,35 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: 
         sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels)
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
         metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
-        preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta)
-        probs = preds.cell_prob
-        metrics["val_native"] = native_scores(probs, read_masks([m for _, m in val_pairs]))
         train_probs = np.stack([predict_frame(net, read_grey(img), config, tta=config.tta) for img, _ in train_pairs])
-        metrics["train_native"] = native_scores(train_probs, read_masks([m for _, m in train_pairs]))
+        train_masks = read_masks([m for _, m in train_pairs])
+        alignment = estimate_shift(train_probs, train_masks) if align else Alignment()
+        if align:
+            logger.info("alignment: predictions shifted by dy %+.2f dx %+.2f px (estimated on the %d train "
+                        "frames: mean squared error %.4f -> %.4f)", alignment.dy, alignment.dx, len(train_pairs),
+                        alignment.mse_before, alignment.mse_after)
+        metrics["train_native"] = native_scores(shift(train_probs, alignment.dy, alignment.dx), train_masks)
+        preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta,
+                              align=alignment if align else None)
+        probs = preds.cell_prob
+        val_masks = read_masks([m for _, m in val_pairs])
+        metrics["val_native"] = native_scores(probs, val_masks)
+        if align:
+            metrics["val_native_unaligned"] = native_scores(preds.unaligned_prob, val_masks)
+        metrics["alignment"] = {"applied": align, **alignment.to_dict()}
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_history(Path(model["output"]) / model["history"], folder / "history.png")
         plot_examples([img for img, _ in val_pairs], [m for _, m in val_pairs], probs, folder / "val_examples.png")
         for name, m in metrics.items():
+            if name == "alignment":
+                continue
             logger.info("%-10s acc %.4f iou %.4f dice %.4f sens %.4f spec %.4f", name, m["acc"], m["iou"],
                         m["dice"], m["sens"], m["spec"])
         native = metrics["val_native"]
         logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f "
                     "(membrane filled: V_rand %.4f, V_info %.4f)", native["membrane_dice"], native["membrane_iou"],
                     native["v_rand"], native["v_info"], native["v_rand_filled"], native["v_info_filled"])
-        return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
+        return {"metrics": metrics, "alignment": metrics["alignment"], "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
                 "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
                 "history_png": "history.png", "examples_png": "val_examples.png"}
 

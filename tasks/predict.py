@@ -1,5 +1,6 @@
 """Stage 6: predict the test frames at native size: masks, the challenge's probability TIFF, overlays,
-and a figure of a few of them (test_examples.png)."""
+and a figure of a few of them (test_examples.png). With an ``alignment`` (the evaluate stage's
+estimate for this model), every frame's probabilities are shifted by it first."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,16 @@ from tasks.stage import StagePolicy, run_stage
 
 POLICY = StagePolicy(stage="predict", code=("tasks/predict.py", "tasks/stage.py", "unet/infer.py",
                                             "unet/model.py", "unet/data.py", "unet/viz.py", "unet/segment.py",
-                                            "unet/metrics.py"))
+                                            "unet/metrics.py", "unet/align.py"))
 
 
 @task(name="predict_test", cache_policy=POLICY)
-def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refresh: bool = False) -> dict:
+def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, alignment: dict | None = None,
+                 refresh: bool = False) -> dict:
     """Write test/masks/<stem>.png, test/probabilities.tif (float32 N x H x W), test/overlays and
     test_examples.png."""
 
+    from unet.align import Alignment
     from unet.infer import load_model, predict_files
     from unet.recipes import Recipe
     from unet.viz import plot_predictions
@@ -30,7 +33,12 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, refre
         spec = json.loads((Path(datasets["output"]) / datasets["dataset_json"]).read_text())
         images = [Path(datasets["split_dir"]) / img for img in spec["test"]]
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
-        out = predict_files(net, images, config, folder / "test", tta=config.tta,
+        align = None if alignment is None else Alignment.from_dict(
+            {k: alignment[k] for k in ("dy", "dx", "mse_before", "mse_after")})
+        if align is not None:
+            logger.info("test predictions shifted by dy %+.2f dx %+.2f px (the evaluate stage's alignment)",
+                        align.dy, align.dx)
+        out = predict_files(net, images, config, folder / "test", tta=config.tta, align=align,
                             on_frame=lambda i, n: logger.info("test frame %d/%d", i, n) if i % 10 == 0 or i == n else None)
         plot_predictions(images, out.cell_prob, folder / "test_examples.png")
         return {"test_masks": "test/masks", "test_probabilities": "test/probabilities.tif",

@@ -76,8 +76,9 @@ def metrics_rows(metrics: dict) -> list[dict]:
     """Rows of our metrics beside the case's published ones (the unet-metrics table)."""
     rows = []
     for name, label in (("train", "train (ours, training eval)"), ("val", "val (ours, training eval)"),
-                        ("train_native", "train (ours, native size)"), ("val_native", "val (ours, native size)")):
-        if name not in metrics:  # train_native: evaluations made before it existed
+                        ("train_native", "train (ours, native size)"), ("val_native", "val (ours, native size)"),
+                        ("val_native_unaligned", "val (ours, native unaligned)")):
+        if name not in metrics:  # train_native, *_unaligned: evaluations made before they existed
             continue
         m = metrics[name]
         rows.append({"set": label, **{k: round(m[k], 4) for k in FIVE},
@@ -95,6 +96,16 @@ def publish_artifacts(summary: dict) -> None:
     create_table_artifact(history.to_dict("records"), key="unet-training-history",
                           description="Per-epoch loss, train and val metrics, seconds")
     create_markdown_artifact(report_markdown(summary), key="unet-report", description="UNet pipeline run report")
+
+
+def alignment_text(metrics: dict) -> str | None:
+    """One line on the alignment shift the val (and test) predictions got, or None when none was
+    estimated (``--no-align``, or evaluations made before it existed)."""
+    a = metrics.get("alignment")
+    if not a or not a.get("applied"):
+        return None
+    return (f"predictions shifted by dy {a['dy']:+.2f} dx {a['dx']:+.2f} px, estimated on the train frames "
+            f"(mean squared error {a['mse_before']:.4f} -> {a['mse_after']:.4f}; unet/align.py)")
 
 
 def _table(rows: list[dict]) -> str:
@@ -119,6 +130,7 @@ def report_markdown(summary: dict) -> str:
         "connected components of the thresholded cell map; the *_filled columns score the same components "
         "grown over the membrane pixels (post-processing).",
         _table(metrics_rows(summary["metrics"])),
+        *([f"**Alignment** {text}"] if (text := alignment_text(summary["metrics"])) else []),
         "## Recipe\n```json\n" + json.dumps(p.get("recipe", {}), indent=2) + "\n```",
         "## Stages", _table(stages),
         "## Outputs", _table(outputs),
@@ -135,6 +147,8 @@ def format_console(summary: dict) -> str:
         lines.append(f"{row['set']:28}" + "".join(f"{v:>10.4f}" if v != "" else f"{'':>10}" for v in vals))
     out = summary["outputs"]
     champ = summary["champion"]
+    if text := alignment_text(summary["metrics"]):
+        lines.append(f"alignment         {text}")
     lines += [f"checkpoint        {out['checkpoint']}",
               f"champion          {champ['decision']}: {champ['checkpoint']}",
               f"test masks        {out['test_masks']}",

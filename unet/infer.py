@@ -22,6 +22,7 @@ import mindspore.ops as ops
 import numpy as np
 import tifffile
 
+from unet.align import Alignment, shift
 from unet.data import read_grey, to_network_input
 from unet.model import UNet
 from unet.recipes import Recipe
@@ -136,6 +137,7 @@ class PredictionOutputs:
     overlays: Path        # <stem>.png, frame with predicted membrane in red
     frames: int
     cell_prob: np.ndarray  # the probabilities written to the TIFF, float32 [N, H, W]
+    unaligned_prob: np.ndarray | None = None  # the same before the alignment shift (when one was given)
 
 
 def _imwrite(path: Path, image: np.ndarray) -> None:
@@ -144,18 +146,22 @@ def _imwrite(path: Path, image: np.ndarray) -> None:
 
 
 def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Path | str, *,
-                  tta: bool = False, threshold: float = 0.5,
+                  tta: bool = False, threshold: float = 0.5, align: Alignment | None = None,
                   on_frame: Callable[[int, int], None] | None = None) -> PredictionOutputs:
     """Predict every PNG in ``images`` (in the given order) and write masks, the probability
-    TIFF and overlays under ``out_dir``. Returns where they are, and the probabilities."""
+    TIFF and overlays under ``out_dir``. Returns where they are, and the probabilities. With
+    ``align``, each frame's probabilities are shifted by it first (:mod:`unet.align`)."""
     out_dir = Path(out_dir)
     masks_dir, overlays_dir = out_dir / "masks", out_dir / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
     overlays_dir.mkdir(parents=True, exist_ok=True)
-    probs = []
+    probs, unaligned = [], []
     for i, path in enumerate(images):
         frame = read_grey(path)
         prob = predict_frame(net, frame, recipe, tta=tta)
+        if align is not None:
+            unaligned.append(prob)
+            prob = shift(prob, align.dy, align.dx)
         probs.append(prob)
         stem = Path(path).stem
         _imwrite(masks_dir / f"{stem}.png", np.where(prob >= threshold, 255, 0).astype(np.uint8))
@@ -169,4 +175,5 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
     tifffile.imwrite(tmp, stack, photometric="minisblack")
     os.replace(tmp, tiff)
     log.info("predicted %d frames into %s", len(probs), out_dir)
-    return PredictionOutputs(masks_dir, tiff, overlays_dir, len(probs), stack)
+    return PredictionOutputs(masks_dir, tiff, overlays_dir, len(probs), stack,
+                             np.stack(unaligned).astype(np.float32) if unaligned else None)

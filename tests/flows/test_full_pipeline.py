@@ -57,6 +57,13 @@ def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
         scores = summary["metrics"][subset]
         assert {"membrane_dice", "v_rand", "v_info", "v_rand_filled", "v_info_filled"} <= set(scores)
         assert 0.0 <= scores["v_rand"] <= 1.0 and 0.0 <= scores["v_rand_filled"] <= 1.0
+    alignment = summary["metrics"]["alignment"]
+    assert alignment["applied"] and abs(alignment["dy"]) <= 1.5 and abs(alignment["dx"]) <= 1.5
+    assert alignment["mse_after"] <= alignment["mse_before"]
+    assert "val_native_unaligned" in summary["metrics"]
+    # the test predictions got the alignment the champion's evaluation estimated
+    predict_manifest = json.loads((Path(summary["stages"]["predict"]["output"]) / "manifest.json").read_text())
+    assert predict_manifest["inputs"]["alignment"] == alignment
     out = summary["outputs"]
     assert len(list(Path(out["val_predictions"]).glob("*.png"))) == 10
     assert sorted(p.name for p in Path(out["val_predictions"]).glob("*.png"))[:2] == ["00000.png", "00003.png"]
@@ -71,6 +78,16 @@ def test_second_run_is_all_cached(pipeline, data_dir, first_run):
     assert states(again) == only()
     assert again["metrics"] == first["metrics"]
     assert sum(s["seconds"] for s in again["stages"].values()) < 15
+
+
+def test_turning_alignment_off_redoes_evaluate_and_predict_only(pipeline, data_dir, first_run):
+    work, first = first_run
+    plain = pipeline(data_dir, work, align=False)
+    assert states(plain) == only("evaluate", "predict")
+    assert plain["metrics"]["alignment"]["applied"] is False and "val_native_unaligned" not in plain["metrics"]
+    # without alignment the val scores are the aligned run's "unaligned" ones
+    assert plain["metrics"]["val_native"] == pytest.approx(first["metrics"]["val_native_unaligned"])
+    assert states(pipeline(data_dir, work)) == only()  # and back: both are cached
 
 
 def test_artifacts_are_readable_through_the_client(first_run):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from unet.align import Alignment, shift
 from unet.infer import load_model, predict_files, predict_frame
 from unet.recipes import PRESETS
 from unet.train import train
@@ -88,6 +89,20 @@ def test_inference_writes_native_masks_tiff_and_overlays(trained, frames, tmp_pa
         mask = cv2.imread(str(out.masks / img.name), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
         assert cv2.imread(str(out.overlays / img.name)).shape == (512, 512, 3)
+
+
+def test_inference_with_an_alignment_writes_the_shifted_probabilities(trained, frames, tmp_path):
+    recipe, result, _, _ = trained
+    net = load_model(result.best_checkpoint, recipe)
+    images = [img for img, _ in frames["val"][:2]]
+    plain = predict_files(net, images, recipe, tmp_path / "plain")
+    assert plain.unaligned_prob is None
+    moved = predict_files(net, images, recipe, tmp_path / "moved", align=Alignment(dy=1.0, dx=-0.5))
+    np.testing.assert_array_equal(moved.unaligned_prob, plain.cell_prob)
+    np.testing.assert_allclose(moved.cell_prob, shift(plain.cell_prob, 1.0, -0.5), atol=1e-6)
+    np.testing.assert_array_equal(tifffile.imread(moved.probabilities), moved.cell_prob)
+    mask = cv2.imread(str(moved.masks / images[0].name), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(mask, np.where(moved.cell_prob[0] >= 0.5, 255, 0))
 
 
 def test_tta_and_tiling_keep_shape_and_stay_close(trained, frames):
