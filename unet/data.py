@@ -20,6 +20,11 @@ import numpy as np
 from unet.recipes import Recipe
 
 NEAREST = cv2.INTER_NEAREST
+# Resizing masks: OpenCV's INTER_NEAREST picks source pixel floor(x * scale), which moves a mask
+# resized 512 -> 224 by about half a pixel down and right of its image (resized with half-pixel
+# centres); INTER_NEAREST_EXACT picks the pixel under each centre and keeps them together.
+# (Affine and elastic warps round to the nearest pixel and are not affected.)
+RESIZE_NEAREST = cv2.INTER_NEAREST_EXACT
 # The case ran albumentations 1.x, whose geometric transforms filled borders by reflection.
 REFLECT = cv2.BORDER_REFLECT_101
 
@@ -34,7 +39,7 @@ def case_train_transforms(size: int) -> A.Compose:
 
 def _case_train_transforms(size: int) -> A.Compose:
     return A.Compose([
-        A.Resize(size, size, mask_interpolation=NEAREST),
+        A.Resize(size, size, mask_interpolation=RESIZE_NEAREST),
         A.Transpose(p=0.5),
         A.HorizontalFlip(p=0.25),
         A.VerticalFlip(p=0.25),
@@ -45,7 +50,7 @@ def _case_train_transforms(size: int) -> A.Compose:
 
 def resize_transforms(size: int) -> A.Compose:
     """The case's validation transform: resize only."""
-    return A.Compose([A.Resize(size, size, mask_interpolation=NEAREST)])
+    return A.Compose([A.Resize(size, size, mask_interpolation=RESIZE_NEAREST)])
 
 
 def eval_transforms(recipe: Recipe) -> A.Compose:
