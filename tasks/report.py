@@ -80,6 +80,9 @@ def metrics_rows(metrics: dict) -> list[dict]:
                         ("val_native_unaligned", "val (ours, native unaligned)")):
         if name not in metrics:  # train_native, *_unaligned: evaluations made before they existed
             continue
+        shift = metrics.get("alignment") or {}
+        if name == "val_native_unaligned" and shift.get("dy") == 0 and shift.get("dx") == 0:
+            continue  # nothing was moved: the same row as val_native
         m = metrics[name]
         rows.append({"set": label, **{k: round(m[k], 4) for k in FIVE},
                      **{k: round(m[k], 4) if k in m else "" for k in EXTRA}})

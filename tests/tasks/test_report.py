@@ -1,0 +1,25 @@
+"""The run report's metric rows and alignment line."""
+from tasks.report import alignment_text, metrics_rows
+
+FIVE = ("acc", "iou", "dice", "sens", "spec")
+
+
+def _metrics(dy: float, dx: float, applied: bool = True) -> dict:
+    scores = {k: 0.9 for k in FIVE}
+    return {"val_native": scores, "val_native_unaligned": {k: 0.8 for k in FIVE},
+            "alignment": {"applied": applied, "dy": dy, "dx": dx, "mse_before": 0.05, "mse_after": 0.04}}
+
+
+def _sets(metrics: dict) -> list[str]:
+    return [row["set"] for row in metrics_rows(metrics)]
+
+
+def test_the_unaligned_row_appears_only_when_the_predictions_moved():
+    assert "val (ours, native unaligned)" in _sets(_metrics(-0.5, -0.25))
+    assert "val (ours, native unaligned)" not in _sets(_metrics(0.0, 0.0))
+
+
+def test_alignment_line_names_the_shift_or_is_absent():
+    assert "dy -0.50 dx -0.25 px" in alignment_text(_metrics(-0.5, -0.25))
+    assert alignment_text(_metrics(0.0, 0.0, applied=False)) is None
+    assert alignment_text({"val_native": {}}) is None  # evaluations made before alignment existed
