@@ -92,7 +92,7 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
     kept_evaluation = stages["evaluate"][2] if kept["model"]["key"] == model["key"] else champion_evaluation
     stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets, model=kept["model"],
                                    recipe=kept["recipe"], work_dir=work,
-                                   alignment=kept_evaluation["alignment"] if align else None)
+                                   alignment=kept_evaluation["metrics"]["alignment"] if align else None)
     parameters = {"data_dir": str(Path(data_dir).resolve()), "work_dir": work, "preset": preset,
                   "split": split, "split_seed": split_seed, "workers": workers, "align": align, "recipe": recipe}
     summary = build_summary(run_name, parameters, stages, decision)

@@ -76,7 +76,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f "
                     "(membrane filled: V_rand %.4f, V_info %.4f)", native["membrane_dice"], native["membrane_iou"],
                     native["v_rand"], native["v_info"], native["v_rand_filled"], native["v_info_filled"])
-        return {"metrics": metrics, "alignment": metrics["alignment"], "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
+        return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
                 "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
                 "history_png": "history.png", "examples_png": "val_examples.png"}
 

@@ -33,8 +33,7 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, align
         spec = json.loads((Path(datasets["output"]) / datasets["dataset_json"]).read_text())
         images = [Path(datasets["split_dir"]) / img for img in spec["test"]]
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
-        align = None if alignment is None else Alignment.from_dict(
-            {k: alignment[k] for k in ("dy", "dx", "mse_before", "mse_after")})
+        align = None if alignment is None else Alignment.from_dict(alignment)
         if align is not None:
             logger.info("test predictions shifted by dy %+.2f dx %+.2f px (the evaluate stage's alignment)",
                         align.dy, align.dx)

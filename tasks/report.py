@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from unet.align import Alignment
+
 CASE_PUBLISHED = {  # the MindSpore case's table (cell class, per-image means at 224x224)
     "train": {"acc": 0.90, "iou": 0.88, "dice": 0.94, "sens": 0.94, "spec": 0.76},
     "val": {"acc": 0.92, "iou": 0.90, "dice": 0.95, "sens": 0.96, "spec": 0.77},
@@ -80,8 +82,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
                         ("val_native_unaligned", "val (ours, native unaligned)")):
         if name not in metrics:  # train_native, *_unaligned: evaluations made before they existed
             continue
-        shift = metrics.get("alignment") or {}
-        if name == "val_native_unaligned" and shift.get("dy") == 0 and shift.get("dx") == 0:
+        if name == "val_native_unaligned" and Alignment.from_dict(metrics.get("alignment")).is_zero:
             continue  # nothing was moved: the same row as val_native
         m = metrics[name]
         rows.append({"set": label, **{k: round(m[k], 4) for k in FIVE},
