@@ -13,7 +13,8 @@ With ``--evaluate-dir`` and ``--split-dir``: the val scores of that evaluate sta
 ``val/probabilities.tif`` moved by every shift of a grid (from a ``--no-align`` run: the raw
 effect; from an aligned run: what is left), to see how large and how peaked the effect is. This
 uses the val labels: a diagnostic, not a way to pick the shift — the pipeline estimates it on the
-train frames.
+train frames. Also: the share of the val errors on label-edge pixels (a 3x3 neighbourhood holding
+both classes).
 
 One JSON line.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import common
 
+import cv2
 import numpy as np
 import tifffile
 
@@ -70,6 +72,12 @@ def main() -> None:
                 table[f"{dy:+.2f},{dx:+.2f}"] = {"cell_iou": round(s["cell_iou"], 4),
                                                  "membrane_dice": round(s["membrane_dice"], 4)}
         out["val_scores_by_shift"] = table
+        # where the errors are: pixels next to a label edge (a 3x3 neighbourhood holding both classes)
+        kernel = np.ones((3, 3), np.uint8)
+        edge = np.stack([cv2.dilate(t, kernel) != cv2.erode(t, kernel) for t in target.astype(np.uint8)])
+        wrong = (prob >= 0.5) != (target > 0)
+        out["val_errors_on_label_edges"] = round(float(wrong[edge].sum() / wrong.sum()), 3)
+        out["val_label_edge_pixels"] = round(float(edge.mean()), 3)
     out["machine"] = common.machine()
     print(json.dumps(out))
 
