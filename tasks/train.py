@@ -20,7 +20,7 @@ from tasks.stage import StagePolicy, run_stage
 
 POLICY = StagePolicy(stage="train", code=("tasks/train.py", "tasks/stage.py", "unet/train.py", "unet/model.py",
                                           "unet/data.py", "unet/metrics.py", "unet/recipes.py",
-                                          "unet/distributed.py", "unet/msrun_worker.py"))
+                                          "unet/distributed.py", "unet/msrun_worker.py", "unet/align.py"))
 
 
 def cluster_from_env(workers: int):
@@ -79,7 +79,7 @@ def train_unet(datasets: dict, recipe: dict, work_dir: str, refresh: bool = Fals
         logger.info("best val IoU %.4f at epoch %d", result.best_val_iou, result.best_epoch)
         out = {"best_checkpoint": "best.ckpt", "last_checkpoint": "last.ckpt", "history": "history.csv",
                "best_epoch": result.best_epoch, "best_val_iou": result.best_val_iou,
-               "epochs_run": result.epochs_run, "recipe": recipe}
+               "epochs_run": result.epochs_run, "label_shift": list(result.label_shift), "recipe": recipe}
         if workers > 1:
             out.update(workers=workers, logs="logs")
         return out

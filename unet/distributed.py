@@ -450,11 +450,14 @@ def launch(recipe: "Recipe", train_pairs: Sequence, val_pairs: Sequence, out_dir
 
     run_msrun(job_path, 0, on_poll=report, poll_seconds=poll_seconds)
     log_dir = job_path.parent
-    digests = {}
+    digests, label_shift = {}, (0.0, 0.0)
     for r in range(cluster.workers):
         f = rank_file(log_dir, r, "json")
         if f.is_file():
-            digests[r] = json.loads(f.read_text())["weights_sha256"]
+            report = json.loads(f.read_text())
+            digests[r] = report["weights_sha256"]
+            if r == 0:
+                label_shift = tuple(report.get("label_shift", label_shift))
     if 0 not in digests:
         raise RuntimeError(f"distributed training ended without rank 0's report {rank_file(log_dir, 0, 'json')}")
     differ = sorted(r for r, d in digests.items() if d != digests[0])
@@ -463,7 +466,7 @@ def launch(recipe: "Recipe", train_pairs: Sequence, val_pairs: Sequence, out_dir
     state = json.loads(last_json.read_text())
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", out_dir / "history.csv",
                        int(state["best_epoch"]), float(state["best_val_iou"]), recipe.epochs - done_before,
-                       digests[0])
+                       digests[0], label_shift)
 
 
 def join(job_path: Path | str, node_rank: int) -> None:

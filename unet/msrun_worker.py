@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                        group=group)
         rank_file(log_dir, rank, "json").write_text(json.dumps(
             {"rank": rank, "size": group.size, "weights_sha256": result.weights_sha256,
-             "epochs_run": result.epochs_run,
+             "epochs_run": result.epochs_run, "label_shift": list(result.label_shift),
              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
     except BaseException as exc:  # noqa: BLE001  (report whatever ends the rank, then fail)
         traceback.print_exc()

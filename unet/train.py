@@ -65,6 +65,7 @@ class TrainResult:
     best_val_iou: float
     epochs_run: int  # epochs trained by this call (less than recipe.epochs after a resume)
     weights_sha256: str = ""  # params_digest of the network after training (identical on every rank)
+    label_shift: tuple[float, float] = (0.0, 0.0)  # (dy, dx) the training labels were moved by
 
 
 class MembraneDiceBCELoss(nn.Cell):
@@ -241,7 +242,9 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     boundary = (recipe.boundary_weight, recipe.boundary_sigma) if recipe.boundary_weight > 0 else None
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
                                       length=steps * recipe.batch_size * group.size, seed=recipe.seed,
-                                      boundary=boundary)
+                                      boundary=boundary, register_labels=recipe.register_labels)
+    if recipe.register_labels:
+        log.info("training labels registered to their images: shifted by (%+.2f, %+.2f) px", *train_source.label_shift)
     eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
     # unshuffled: the source permutes each epoch itself, seeded, so that a resume sees the same order
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=False, num_workers=recipe.num_workers,
@@ -276,8 +279,9 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
         for img, msk in dataset.create_tuple_iterator(num_epochs=1):
             step_loss, logits = train_cell(img, msk)
             losses.append(float(step_loss.asnumpy()))
-            # logit >= 0: probability >= 0.5; channel 0 of the mask is the cell mask (1: its weight map)
-            batch_metric.update(logits.asnumpy() >= 0.0, msk.asnumpy()[:, :1])
+            # logit >= 0: probability >= 0.5; channel 0 of the mask is the cell mask (1: its weight map),
+            # soft at the edges when the labels are registered
+            batch_metric.update(logits.asnumpy() >= 0.0, msk.asnumpy()[:, :1] >= 0.5)
         train_m = batch_metric.eval()
         if group.size > 1:  # every rank scored as many batches: the mean of the ranks' means
             train_m = {k: group.mean(v) for k, v in train_m.items()}
@@ -311,4 +315,4 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     group.check_same(digest, "weights after training")
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", out_dir / "history.csv",
                        int(state["best_epoch"]), float(state["best_val_iou"]),
-                       recipe.epochs - start_epoch + 1, digest)
+                       recipe.epochs - start_epoch + 1, digest, train_source.label_shift)
