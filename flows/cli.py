@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
                    help="shift val and test predictions by the sub-pixel offset between the train frames' "
                         "predictions and their labels (unet/align.py)")
+    p.add_argument("--register-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on labels shifted onto their images' membranes by the offset estimated from "
+                        "the train frames (default: the preset's; unet.data.label_offset)")
     p.add_argument("--split", default="every_third", choices=["every_third", "random"],
                    help="train/val split: the case's every third frame to val, or a seeded random 2:1")
     p.add_argument("--split-seed", type=SEED, default=0, help="seed of --split random")
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = resolve_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size,
                                 base_channels=args.base_channels, learning_rate=args.learning_rate,
-                                tta=args.tta, seed=args.seed)
+                                tta=args.tta, seed=args.seed, register_labels=args.register_labels)
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE

@@ -38,6 +38,8 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
                    for name, (state, seconds, result) in stages.items()},
         "metrics": evaluation["metrics"],
         "best_epoch": model["best_epoch"],
+        # (dy, dx) the training labels were shifted by (register_labels); models trained before it: none
+        "label_shift": model.get("label_shift"),
         "champion": {"decision": decision["decision"], "new_val_iou": decision["new_val_iou"],
                      "previous_val_iou": decision["champion_val_iou"],
                      "checkpoint": _abs(champion["model"], "best_checkpoint"), "run": champion.get("run")},
@@ -112,6 +114,15 @@ def alignment_text(metrics: dict) -> str | None:
             f"(mean squared error {a['mse_before']:.4f} -> {a['mse_after']:.4f}; unet/align.py)")
 
 
+def label_shift_text(summary: dict) -> str | None:
+    """One line on the shift the training labels got (recipe ``register_labels``), or None."""
+    shift = summary.get("label_shift")
+    if not shift or not any(shift):
+        return None
+    return (f"training labels shifted by dy {shift[0]:+.2f} dx {shift[1]:+.2f} px onto their images' membranes "
+            "(estimated on the train frames; unet.data.label_offset)")
+
+
 def _table(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -135,6 +146,7 @@ def report_markdown(summary: dict) -> str:
         "grown over the membrane pixels (post-processing).",
         _table(metrics_rows(summary["metrics"])),
         *([f"**Alignment** {text}"] if (text := alignment_text(summary["metrics"])) else []),
+        *([f"**Registered labels** {text}"] if (text := label_shift_text(summary)) else []),
         "## Recipe\n```json\n" + json.dumps(p.get("recipe", {}), indent=2) + "\n```",
         "## Stages", _table(stages),
         "## Outputs", _table(outputs),
@@ -153,6 +165,8 @@ def format_console(summary: dict) -> str:
     champ = summary["champion"]
     if text := alignment_text(summary["metrics"]):
         lines.append(f"alignment         {text}")
+    if text := label_shift_text(summary):
+        lines.append(f"registered labels {text}")
     lines += [f"checkpoint        {out['checkpoint']}",
               f"champion          {champ['decision']}: {champ['checkpoint']}",
               f"test masks        {out['test_masks']}",

@@ -280,3 +280,11 @@ def test_debug_shows_the_traceback(isbi, isbi_dir, tmp_path, flow_stub, capsys):
     data = make_data(tmp_path / "data", isbi_dir, train_volume=b"")
     with pytest.raises(ValueError, match="empty file"):
         fp.main(["--data-dir", str(data), "--work-dir", str(tmp_path / "w"), "--debug", *SMOKE])
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--register-labels"], True),
+                                            (["--no-register-labels"], False)])
+def test_register_labels_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_path, flow_stub, capsys):
+    code, _ = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE, *flag], capsys)
+    assert code == 0
+    assert flow_stub[-1]["register_labels"] is expected  # None: the preset's own setting

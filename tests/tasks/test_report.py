@@ -1,5 +1,5 @@
-"""The run report's metric rows and alignment line."""
-from tasks.report import alignment_text, metrics_rows
+"""The run report's metric rows, alignment and registered-labels lines."""
+from tasks.report import alignment_text, label_shift_text, metrics_rows
 
 FIVE = ("acc", "iou", "dice", "sens", "spec")
 
@@ -23,3 +23,9 @@ def test_alignment_line_names_the_shift_or_is_absent():
     assert "dy -0.50 dx -0.25 px" in alignment_text(_metrics(-0.5, -0.25))
     assert alignment_text(_metrics(0.0, 0.0, applied=False)) is None
     assert alignment_text({"val_native": {}}) is None  # evaluations made before alignment existed
+
+
+def test_registered_labels_line_names_the_shift_or_is_absent():
+    assert "dy +0.50 dx +0.25 px" in label_shift_text({"label_shift": [0.5, 0.25]})
+    assert label_shift_text({"label_shift": [0.0, 0.0]}) is None
+    assert label_shift_text({"label_shift": None}) is None  # models trained before register_labels

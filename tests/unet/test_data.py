@@ -5,7 +5,7 @@ import tifffile
 
 import albumentations as A
 
-from unet.data import (SegmentationSource, boundary_weight_map, create_dataset, resize_transforms,
+from unet.data import (SegmentationSource, boundary_weight_map, create_dataset, label_offset, resize_transforms,
                        train_transforms)
 from unet.recipes import PRESETS
 
@@ -127,3 +127,31 @@ def test_weighted_sample_carries_the_weight_map_through_the_augmentation(real_pa
     plain.set_epoch(1)
     np.testing.assert_array_equal(plain[3][1][0], cells)
     np.testing.assert_array_equal(plain[3][0], image)
+
+
+def test_registered_labels_move_onto_their_images_membranes(real_pairs):
+    plain = SegmentationSource(real_pairs, A.Compose([]), 1, boundary=(10.0, 5.0))
+    registered = SegmentationSource(real_pairs, A.Compose([]), 1, boundary=(10.0, 5.0), register_labels=True)
+    # ISBI's labels sit half a pixel above (and a quarter left of) their membranes: moved down-right
+    assert plain.label_shift == (0.0, 0.0) and registered.label_shift == (0.5, 0.25)
+    before, after = label_offset(plain.images, plain.masks), label_offset(registered.images, registered.masks)
+    assert after.mse_before < before.mse_before  # the registered labels fit the images better, unshifted
+    assert abs(after.dy) < abs(before.dy)
+    for mask, soft, weight in zip(plain.masks, registered.masks, registered.weights):
+        assert soft.dtype == np.float32 and soft.min() >= 0.0 and soft.max() <= 1.0
+        assert 0.05 < np.mean((soft > 0) & (soft < 1)) < 0.5  # soft on the edges only
+        assert abs(soft.sum() / mask.sum() - 1.0) < 0.01  # the same cells, moved: their area is kept
+        # the weight map moved with its mask: heavy on the registered membranes
+        assert weight[soft < 0.5].mean() > 1.5 * weight[soft >= 0.5].mean()
+
+
+def test_registered_samples_are_soft_masks_in_unit_range(real_pairs):
+    r = PRESETS["fullres"]
+    assert r.register_labels
+    src = SegmentationSource(real_pairs, train_transforms(r), r.in_channels, length=8, seed=0,
+                             boundary=(r.boundary_weight, r.boundary_sigma), register_labels=True)
+    src.set_epoch(1)
+    for i in range(4):
+        image, mask = src[i]
+        assert image.shape == (1, 256, 256) and mask.shape == (2, 256, 256) and mask.dtype == np.float32
+        assert 0.0 <= mask[0].min() and mask[0].max() <= 1.0 and mask[1].min() >= 0.99

@@ -50,6 +50,16 @@ def test_boundary_weighted_training_learns(frames, tmp_path):
     assert result.best_val_iou > 0.5
 
 
+def test_training_on_registered_labels_learns_and_reports_the_shift(frames, tmp_path):
+    # soft masks (the labels shifted by a sub-pixel offset) through the loss and the batch scores
+    recipe = PRESETS["smoke"].replace(loss="bce_dice", boundary_weight=10.0, register_labels=True)
+    result = train(recipe, frames["train"], frames["val"], tmp_path)
+    assert result.label_shift == (0.5, 0.25)  # ISBI's labels, measured on the 20 train frames
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert result.best_val_iou > 0.5
+
+
 def test_resume_continues_after_the_last_epoch(trained, frames, tmp_path):
     recipe, _, out, _ = trained
     for name in ("last.ckpt", "last.json", "history.csv", "best.ckpt"):
