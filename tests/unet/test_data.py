@@ -146,8 +146,7 @@ def test_registered_labels_move_onto_their_images_membranes(real_pairs):
 
 
 def test_registered_samples_are_soft_masks_in_unit_range(real_pairs):
-    r = PRESETS["fullres"]
-    assert r.register_labels
+    r = PRESETS["fullres"].replace(register_labels=True)
     src = SegmentationSource(real_pairs, train_transforms(r), r.in_channels, length=8, seed=0,
                              boundary=(r.boundary_weight, r.boundary_sigma), register_labels=True)
     src.set_epoch(1)
