@@ -240,6 +240,14 @@ SEED = _number(int, 0, "an integer from 0 to 4294967295", high=2**32 - 1)
 POSITIVE_FLOAT = _number(float, 0.0, "a number > 0", strict=True)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (an override left to the preset, whose help
+    says so)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block) and exit with EXIT_USAGE."""
 
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{v.input_mode}, {v.epochs} epochs" for k, v in PRESETS.items())
                + ". Exit codes: 0 done, 1 failed (bad input, disk full, ...), 2 invalid arguments, "
                  "130 interrupted, 143 terminated.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelp)
     p.add_argument("--data-dir", default="datasets/ISBI",
                    help="folder with train-volume.tif, train-labels.tif, test-volume.tif")
     p.add_argument("--work-dir", default="artifacts", help="where stage folders and run summaries go")
@@ -267,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=POSITIVE_FLOAT, help="override the preset's Adam learning rate")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="8-fold flip/rotate test-time augmentation (default: the preset's)")
-    p.add_argument("--seed", type=SEED, help="random seed of initialisation and augmentation")
+    p.add_argument("--seed", type=SEED, help="random seed of initialisation and augmentation (default: the preset's)")
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
                    help="shift val and test predictions by the sub-pixel offset between the train frames' "
                         "predictions and their labels (unet/align.py)")
