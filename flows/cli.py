@@ -65,7 +65,8 @@ def check_inputs(data_dir: str, recipe: dict, split: str = "every_third", split_
     h, w = images.shape[1:]
     if recipe["input_mode"] == "crop" and min(h, w) < recipe["image_size"]:
         raise ValueError(f"{paths['train_volume']}: frames are {h}x{w}, smaller than the {recipe['image_size']}px "
-                         f"crops of the {recipe['name']!r} recipe; use a resize preset (seed, smoke)")
+                         f"crops of the {recipe['name']!r} recipe; use a smaller --image-size or a resize "
+                         f"preset (seed, smoke)")
     return {"train_frames": len(images), "frame_shape": [h, w], "test_frames": len(test),
             "test_frame_shape": list(test.shape[1:])}
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="training recipe")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's number of epochs")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="override the preset's training batch size")
+    p.add_argument("--image-size", type=POSITIVE_INT,
+                   help="override the preset's training size: the side of the random crops (crop presets: "
+                        "fullres) or of the resized frames (resize presets: seed, smoke); a multiple of 16")
     p.add_argument("--base-channels", type=POSITIVE_INT,
                    help="override the UNet width (channels of the first block)")
     p.add_argument("--learning-rate", type=POSITIVE_FLOAT, help="override the preset's Adam learning rate")
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     try:
         recipe = resolve_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                                base_channels=args.base_channels, learning_rate=args.learning_rate,
+                                image_size=args.image_size, base_channels=args.base_channels, learning_rate=args.learning_rate,
                                 tta=args.tta, seed=args.seed, register_labels=args.register_labels)
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)

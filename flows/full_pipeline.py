@@ -59,13 +59,16 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                   epochs: int | None = None, batch_size: int | None = None, base_channels: int | None = None,
                   learning_rate: float | None = None, tta: bool | None = None, seed: int | None = None,
                   split: str = "every_third", split_seed: int = 0, refresh: bool = False,
-                  workers: int = 1, align: bool = True, register_labels: bool | None = None) -> dict:
+                  workers: int = 1, align: bool = True, register_labels: bool | None = None,
+                  image_size: int | None = None) -> dict:
     """Extract, split, build datasets, train, evaluate, keep the better of the new model and the
     champion, and predict the test frames with the champion; returns the run summary. ``align``:
     shift val and test predictions by the offset between the train frames' predictions and their
     labels (unet/align.py). ``register_labels`` (default: the preset's): train on labels shifted onto
-    their images' membranes (unet.data.label_offset)."""
-    recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, base_channels=base_channels,
+    their images' membranes (unet.data.label_offset). ``image_size`` (default: the preset's): the side
+    of the training crops (crop recipes) or of the resized frames (resize recipes)."""
+    recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                            base_channels=base_channels,
                             learning_rate=learning_rate, tta=tta, seed=seed, register_labels=register_labels)
     work = str(Path(work_dir).resolve())
     stages = {}

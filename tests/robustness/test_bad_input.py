@@ -288,3 +288,19 @@ def test_register_labels_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_pat
     code, _ = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE, *flag], capsys)
     assert code == 0
     assert flow_stub[-1]["register_labels"] is expected  # None: the preset's own setting
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--image-size", "96"], 96)])
+def test_image_size_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_path, flow_stub, capsys):
+    code, _ = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE, *flag], capsys)
+    assert code == 0
+    assert flow_stub[-1]["image_size"] == expected  # None: the preset's own size
+
+
+@pytest.mark.parametrize("size, message", [("100", "multiple of 16"), ("1024", "smaller --image-size")])
+def test_bad_image_size_is_one_line(size, message, isbi_dir, tmp_path, capsys):
+    code, err = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), "--preset", "fullres",
+                          "--image-size", size], capsys)
+    assert code != 0
+    assert_one_line(err, message)
+    assert not (tmp_path / "w").exists()  # nothing written
