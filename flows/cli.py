@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     try:
         recipe = resolve_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                                image_size=args.image_size, base_channels=args.base_channels, learning_rate=args.learning_rate,
-                                tta=args.tta, seed=args.seed, register_labels=args.register_labels)
+                                image_size=args.image_size, base_channels=args.base_channels,
+                                learning_rate=args.learning_rate, tta=args.tta, seed=args.seed,
+                                register_labels=args.register_labels)
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE

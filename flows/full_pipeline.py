@@ -68,8 +68,8 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
     their images' membranes (unet.data.label_offset). ``image_size`` (default: the preset's): the side
     of the training crops (crop recipes) or of the resized frames (resize recipes)."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, image_size=image_size,
-                            base_channels=base_channels,
-                            learning_rate=learning_rate, tta=tta, seed=seed, register_labels=register_labels)
+                            base_channels=base_channels, learning_rate=learning_rate, tta=tta, seed=seed,
+                            register_labels=register_labels)
     work = str(Path(work_dir).resolve())
     stages = {}
     stages["extract"] = call_stage(extract_frames, refresh=refresh, work_dir=work, **volume_paths(data_dir))
