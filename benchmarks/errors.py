@@ -29,14 +29,18 @@ import cv2
 import numpy as np
 import tifffile
 
+from unet.evaluate import read_masks
+from unet.metrics import case_scores, confusion_counts, confusion_scores
 
-def membrane_dice(membrane_pred: np.ndarray, membrane_true: np.ndarray) -> float:
-    return float(2 * (membrane_pred & membrane_true).sum() / (membrane_pred.sum() + membrane_true.sum()))
+
+def membrane_dice(cell_pred: np.ndarray, cell_true: np.ndarray) -> float:
+    """All-pixel membrane Dice, as the evaluate stage reports it."""
+    return confusion_scores(confusion_counts(cell_pred, cell_true))["membrane_dice"]
 
 
 def cell_iou(cell_prob: np.ndarray, cell_true: np.ndarray, threshold: float = 0.5) -> float:
-    return float(np.mean([((p >= threshold) & t).sum() / ((p >= threshold) | t).sum()
-                          for p, t in zip(cell_prob, cell_true)]))
+    """The case's cell IoU: per image, then averaged."""
+    return float(np.mean([case_scores(p >= threshold, t)["iou"] for p, t in zip(cell_prob, cell_true)]))
 
 
 def distance_to_other_class(membrane: np.ndarray) -> np.ndarray:
@@ -55,8 +59,6 @@ def main() -> None:
     p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per --evaluate-dir (default: equal)")
     args = p.parse_args()
 
-    from unet.evaluate import read_masks
-
     masks = sorted((args.split_dir / "val" / "mask").glob("*.png"))
     cell_true = read_masks(masks).astype(bool)
     probs = []
@@ -73,11 +75,11 @@ def main() -> None:
     membrane_true = ~cell_true
     membrane_pred = prob < 0.5
     scores = {str(f): {"cell_iou": round(cell_iou(q, cell_true), 4),
-                       "membrane_dice": round(membrane_dice(q < 0.5, membrane_true), 4)}
+                       "membrane_dice": round(membrane_dice(q >= 0.5, cell_true), 4)}
               for f, q in zip(args.evaluate_dir, probs)}
     scores["ensemble" if len(probs) > 1 else "model"] = {
         "cell_iou": round(cell_iou(prob, cell_true), 4),
-        "membrane_dice": round(membrane_dice(membrane_pred, membrane_true), 4), "weights": weights}
+        "membrane_dice": round(membrane_dice(~membrane_pred, cell_true), 4), "weights": weights}
 
     wrong = membrane_pred ^ membrane_true
     distance = np.stack([distance_to_other_class(m) for m in membrane_true])
@@ -92,16 +94,16 @@ def main() -> None:
 
     per_frame = [{"frame": m.name, "membrane_fraction_labels": round(float(t.mean()), 3),
                   "membrane_fraction_predicted": round(float(q.mean()), 3),
-                  "membrane_dice": round(membrane_dice(q, t), 4)}
+                  "membrane_dice": round(membrane_dice(~q, ~t), 4)}
                  for m, q, t in zip(masks, membrane_pred, membrane_true)]
 
     thresholds = np.round(np.arange(0.30, 0.701, 0.05), 2)
-    best = [max(thresholds, key=lambda th: membrane_dice(q < th, t)) for q, t in zip(prob, membrane_true)]
-    oracle = np.stack([q < th for q, th in zip(prob, best)])
+    best = [max(thresholds, key=lambda th: membrane_dice(q >= th, t)) for q, t in zip(prob, cell_true)]
+    oracle = np.stack([q >= th for q, th in zip(prob, best)])
     common.emit({"benchmark": "errors", "split_dir": str(args.split_dir), "frames": len(masks), "scores": scores,
                  "wrong_pixels": total, "errors_by_distance": by_distance, "per_frame": per_frame,
                  "oracle_threshold": {"thresholds": [float(t) for t in best],
-                                      "membrane_dice": round(membrane_dice(oracle, membrane_true), 4)}})
+                                      "membrane_dice": round(membrane_dice(oracle, cell_true), 4)}})
 
 
 if __name__ == "__main__":
