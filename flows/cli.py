@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-from flows.full_pipeline import full_pipeline, resolve_recipe, volume_paths
+from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, volume_paths
 from tasks.report import format_console
 from tasks.stage import _locked
 from unet.frames import check_pair, read_labels, read_volume
@@ -307,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     try:
-        recipe = resolve_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                                image_size=args.image_size, base_channels=args.base_channels,
-                                learning_rate=args.learning_rate, tta=args.tta, seed=args.seed,
-                                register_labels=args.register_labels)
+        recipe = resolve_recipe(args.preset, **{k: params[k] for k in RECIPE_OVERRIDES})
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE

@@ -34,6 +34,11 @@ from unet.recipes import get_preset  # noqa: E402
 VOLUMES = ("train-volume.tif", "train-labels.tif", "test-volume.tif")
 
 
+# The flow parameters (and CLI options) that override a field of the preset's recipe.
+RECIPE_OVERRIDES = ("epochs", "batch_size", "image_size", "base_channels", "learning_rate", "tta", "seed",
+                    "register_labels")
+
+
 def resolve_recipe(preset: str, **overrides) -> dict:
     """The preset with the given overrides, validated (ValueError on a bad value)."""
     return get_preset(preset).replace(**overrides).to_dict()
