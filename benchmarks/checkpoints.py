@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--tta", action="store_true", help="8-fold flip/rotate test-time augmentation")
     args = p.parse_args()
 
-    from unet.data import read_grey
+    from unet.data import read_sections
     from unet.evaluate import native_scores, read_masks
     from unet.infer import load_model, predict_frame
     from unet.recipes import Recipe
@@ -39,7 +39,7 @@ def main() -> None:
     for name, epoch in (("best.ckpt", history["best_epoch"]), ("last.ckpt", history["epoch"])):
         t0 = time.perf_counter()
         net = load_model(args.train_dir / name, recipe)
-        prob = np.stack([predict_frame(net, read_grey(img), recipe, tta=args.tta) for img in images])
+        prob = np.stack([predict_frame(net, read_sections(img, recipe.sections), recipe, tta=args.tta) for img in images])
         s = native_scores(prob, target)
         common.emit({"benchmark": "checkpoints", "train_dir": str(args.train_dir), "checkpoint": name,
                      "epoch": epoch,

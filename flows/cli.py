@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="train on labels shifted onto their images' membranes by the offset estimated from "
                         "the train frames (default: the preset's; unet.data.label_offset)")
+    p.add_argument("--sections", type=int, choices=[1, 3],
+                   help="consecutive sections the network sees: 1, the frame alone; 3, the frame between the "
+                        "sections before and after it in its stack, as 3 input channels (default: the preset's)")
     p.add_argument("--split", default="every_third", choices=["every_third", "random"],
                    help="train/val split: the case's every third frame to val, or a seeded random 2:1")
     p.add_argument("--split-seed", type=SEED, default=0, help="seed of --split random")

@@ -36,11 +36,14 @@ VOLUMES = ("train-volume.tif", "train-labels.tif", "test-volume.tif")
 
 # The flow parameters (and CLI options) that override a field of the preset's recipe.
 RECIPE_OVERRIDES = ("epochs", "batch_size", "image_size", "base_channels", "learning_rate", "tta", "seed",
-                    "register_labels")
+                    "register_labels", "sections")
 
 
 def resolve_recipe(preset: str, **overrides) -> dict:
-    """The preset with the given overrides, validated (ValueError on a bad value)."""
+    """The preset with the given overrides, validated (ValueError on a bad value). ``sections=3``
+    also sets ``in_channels`` to 3: one input channel per section."""
+    if overrides.get("sections") == 3:
+        overrides["in_channels"] = 3
     return get_preset(preset).replace(**overrides).to_dict()
 
 
@@ -65,16 +68,17 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                   learning_rate: float | None = None, tta: bool | None = None, seed: int | None = None,
                   split: str = "every_third", split_seed: int = 0, refresh: bool = False,
                   workers: int = 1, align: bool = True, register_labels: bool | None = None,
-                  image_size: int | None = None) -> dict:
+                  image_size: int | None = None, sections: int | None = None) -> dict:
     """Extract, split, build datasets, train, evaluate, keep the better of the new model and the
     champion, and predict the test frames with the champion; returns the run summary. ``align``:
     shift val and test predictions by the offset between the train frames' predictions and their
     labels (unet/align.py). ``register_labels`` (default: the preset's): train on labels shifted onto
     their images' membranes (unet.data.label_offset). ``image_size`` (default: the preset's): the side
-    of the training crops (crop recipes) or of the resized frames (resize recipes)."""
+    of the training crops (crop recipes) or of the resized frames (resize recipes). ``sections``
+    (default: the preset's): 3 feeds each frame between its neighbouring sections (2.5D)."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, image_size=image_size,
                             base_channels=base_channels, learning_rate=learning_rate, tta=tta, seed=seed,
-                            register_labels=register_labels)
+                            register_labels=register_labels, sections=sections)
     work = str(Path(work_dir).resolve())
     stages = {}
     stages["extract"] = call_stage(extract_frames, refresh=refresh, work_dir=work, **volume_paths(data_dir))

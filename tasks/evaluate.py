@@ -32,7 +32,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     val_native: whole frames; alignment and val_native_unaligned), val predictions at native size
     (val/masks, val/probabilities.tif, val/overlays) and figures (history.png, val_examples.png)."""
     from unet.align import Alignment, estimate_shift, shift
-    from unet.data import SegmentationSource, eval_transforms, read_grey
+    from unet.data import SegmentationSource, eval_transforms, read_sections
     from unet.evaluate import native_scores, read_masks
     from unet.infer import load_model, predict_files, predict_frame
     from unet.recipes import Recipe
@@ -45,10 +45,12 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     def build(folder):
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
         train_pairs, val_pairs = dataset_pairs(datasets, "train"), dataset_pairs(datasets, "val")
-        sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels)
+        sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels,
+                                            sections=config.sections)
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
         metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
-        train_probs = np.stack([predict_frame(net, read_grey(img), config, tta=config.tta) for img, _ in train_pairs])
+        train_probs = np.stack([predict_frame(net, read_sections(img, config.sections), config, tta=config.tta)
+                                for img, _ in train_pairs])
         train_masks = read_masks([m for _, m in train_pairs])
         alignment = estimate_shift(train_probs, train_masks) if align else Alignment()
         if align:

@@ -127,9 +127,58 @@ def read_grey(path: Path | str) -> np.ndarray:
     return img
 
 
+def stack_folders(image: Path) -> list[Path]:
+    """The folders holding ``image``'s stack: in a split laid out by :mod:`unet.split`, the train
+    and val frames are one stack (``train/image`` and ``val/image``), the test frames another
+    (``test_imgs``); anywhere else, the image's own folder."""
+    folder = image.parent
+    if folder.name == "image" and folder.parent.name in ("train", "val"):
+        root = folder.parent.parent
+        return [root / "train" / "image", root / "val" / "image"]
+    return [folder]
+
+
+def section_paths(image: Path | str, sections: int) -> list[Path]:
+    """``image`` between its neighbours: the ``sections // 2`` frames before and after it in its
+    stack (:func:`stack_folders`, ordered by file name, e.g. 00003.png); at a stack's ends the
+    nearest frame repeats."""
+    image = Path(image)
+    stack = sorted((p for folder in stack_folders(image) for p in folder.glob("*.png")), key=lambda p: p.name)
+    try:
+        z = [p.name for p in stack].index(image.name)
+    except ValueError:
+        folders = ", ".join(map(str, stack_folders(image)))
+        raise ValueError(f"{image}: not found among the frames of its stack ({folders})") from None
+    radius = sections // 2
+    return [stack[min(max(z + d, 0), len(stack) - 1)] for d in range(-radius, radius + 1)]
+
+
+def read_sections(path: Path | str, sections: int = 1) -> np.ndarray:
+    """The network's view of a frame, uint8: [H, W] for ``sections`` 1 (:func:`read_grey`), else
+    [H, W, sections], the frame and its neighbouring sections (:func:`section_paths`) as channels,
+    the frame itself in the middle one. A clear error when a neighbour differs in size."""
+    if sections == 1:
+        return read_grey(path)
+    frames = [read_grey(p) for p in section_paths(path, sections)]
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"{path}: its neighbouring sections differ in size: {sorted(shapes)}")
+    return np.stack(frames, axis=-1)
+
+
+def middle_section(image: np.ndarray) -> np.ndarray:
+    """The frame itself from :func:`read_sections`' output (grey [H, W] as it is)."""
+    return image if image.ndim == 2 else image[..., image.shape[-1] // 2]
+
+
 def to_network_input(image: np.ndarray, in_channels: int) -> np.ndarray:
-    """uint8 [H, W] -> float32 [C, H, W] in [0, 1], the grey frame repeated ``in_channels`` times."""
+    """uint8 [H, W] -> float32 [C, H, W] in [0, 1], the grey frame repeated ``in_channels`` times;
+    uint8 [H, W, C] (neighbouring sections, :func:`read_sections`) -> float32 [C, H, W]."""
     x = image.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        if x.shape[-1] != in_channels:
+            raise ValueError(f"expected {in_channels} input channels, got an image of shape {image.shape}")
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
     return np.repeat(x[None], in_channels, axis=0)
 
 
@@ -141,23 +190,25 @@ class SegmentationSource:
     ``i % len(pairs)``. With ``boundary=(w0, sigma)`` each mask gets its
     :func:`boundary_weight_map` as a second channel. With ``register_labels``, the masks (and weight
     maps) are shifted onto their images by the opposite of :func:`label_offset` of these frames
-    (``label_shift``), bilinearly: the mask becomes soft at the edges. With a ``seed``, ``set_epoch(e)`` fixes epoch ``e``: its sample order is
-    a permutation seeded by (seed, e), and each sample is augmented with random numbers seeded by
+    (``label_shift``), bilinearly: the mask becomes soft at the edges. ``sections`` 3: each image is
+    the frame between its neighbouring sections (:func:`read_sections`). With a ``seed``,
+    ``set_epoch(e)`` fixes epoch ``e``: its sample order is a permutation seeded by (seed, e), and each sample is augmented with random numbers seeded by
     (seed, e, i), whatever thread draws it. Training is then reproducible with parallel workers
     and after a resume (iterate the dataset unshuffled: the source does the shuffling).
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: A.Compose, in_channels: int,
                  length: int | None = None, seed: int | None = None,
-                 boundary: tuple[float, float] | None = None, register_labels: bool = False) -> None:
+                 boundary: tuple[float, float] | None = None, register_labels: bool = False,
+                 sections: int = 1) -> None:
         if not pairs:
             raise ValueError("no (image, mask) pairs given")
-        self.images = [read_grey(img) for img, _ in pairs]
+        self.images = [read_sections(img, sections) for img, _ in pairs]
         self.masks = [(read_grey(msk) > 127).astype(np.uint8) for _, msk in pairs]
         self.weights = None if boundary is None else [boundary_weight_map(m, *boundary) for m in self.masks]
         self.label_shift = (0.0, 0.0)
         if register_labels:
-            offset = label_offset(self.images, self.masks)
+            offset = label_offset([middle_section(img) for img in self.images], self.masks)
             self.label_shift = (-offset.dy or 0.0, -offset.dx or 0.0)  # no -0.0
             if not offset.is_zero:
                 self.masks = [shift(m, *self.label_shift) for m in self.masks]

@@ -23,7 +23,7 @@ import numpy as np
 import tifffile
 
 from unet.align import Alignment, shift
-from unet.data import read_grey, to_network_input
+from unet.data import middle_section, read_sections, to_network_input
 from unet.model import UNet
 from unet.recipes import Recipe
 
@@ -108,10 +108,13 @@ def _predict_tiled(net: UNet, x: np.ndarray, tile: int, overlap: int, tta: bool)
 
 def predict_frame(net: UNet, frame: np.ndarray, recipe: Recipe, *, tta: bool = False,
                   tile: int = 512, overlap: int = 64) -> np.ndarray:
-    """Cell probabilities float32 [H, W] for a uint8 frame [H, W], at the frame's own size."""
-    if frame.ndim != 2:
-        raise ValueError(f"expected a grey frame [H, W], got shape {frame.shape}")
-    h, w = frame.shape
+    """Cell probabilities float32 [H, W] for a uint8 frame [H, W] (or [H, W, 3] for a recipe of
+    3 sections: :func:`unet.data.read_sections`), at the frame's own size."""
+    expected = (2,) if recipe.sections == 1 else (3,)
+    if frame.ndim not in expected or (frame.ndim == 3 and frame.shape[-1] != recipe.sections):
+        wanted = "a grey frame [H, W]" if recipe.sections == 1 else f"[H, W, {recipe.sections}] sections"
+        raise ValueError(f"expected {wanted}, got shape {frame.shape}")
+    h, w = frame.shape[:2]
     if recipe.input_mode == "resize":
         small = cv2.resize(frame, (recipe.image_size, recipe.image_size), interpolation=cv2.INTER_LINEAR)
         prob = _predict_tta(net, to_network_input(small, recipe.in_channels), tta)
@@ -157,8 +160,9 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
     overlays_dir.mkdir(parents=True, exist_ok=True)
     probs, unaligned = [], []
     for i, path in enumerate(images):
-        frame = read_grey(path)
+        frame = read_sections(path, recipe.sections)
         prob = predict_frame(net, frame, recipe, tta=tta)
+        frame = middle_section(frame)
         if align is not None:
             unaligned.append(prob)
             prob = shift(prob, align.dy, align.dx)

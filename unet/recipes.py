@@ -42,6 +42,12 @@ class Recipe:
     # in every direction. The evaluate stage's alignment shifts the predictions back onto the labels.
     # Measured on fullres: the same val scores as without it (docs/results.md#registered-labels).
     register_labels: bool = False
+    # How many consecutive sections the network sees: 1, the frame alone; 3, the frame between the
+    # sections before and after it in its stack, as three input channels (2.5D; needs in_channels 3).
+    # ISBI's frames are consecutive 50 nm sections: a membrane is a sheet through them, an organelle's
+    # edge usually is not. Neighbours of train and val frames are the other frames of the train stack
+    # (their images only), the test frames' are the test stack's (unet.data.read_sections).
+    sections: int = 1
     tta: bool = False
     seed: int = 0
     num_workers: int = 2
@@ -53,6 +59,10 @@ class Recipe:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} / {self.val_batch_size}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.sections not in (1, 3):
+            raise ValueError(f"sections must be 1 or 3, got {self.sections}")
+        if self.sections == 3 and self.in_channels != 3:
+            raise ValueError(f"sections 3 needs in_channels 3 (one per section), got {self.in_channels}")
         if self.base_channels < 1:
             raise ValueError(f"base_channels must be >= 1, got {self.base_channels}")
         if self.image_size < 16 or self.image_size % 16:

@@ -242,10 +242,11 @@ def train(recipe: Recipe, train_pairs: Pairs, val_pairs: Pairs, out_dir: Path | 
     boundary = (recipe.boundary_weight, recipe.boundary_sigma) if recipe.boundary_weight > 0 else None
     train_source = SegmentationSource(train_pairs, train_transforms(recipe), recipe.in_channels,
                                       length=steps * recipe.batch_size * group.size, seed=recipe.seed,
-                                      boundary=boundary, register_labels=recipe.register_labels)
+                                      boundary=boundary, register_labels=recipe.register_labels,
+                                      sections=recipe.sections)
     if recipe.register_labels:
         log.info("training labels registered to their images: shifted by (%+.2f, %+.2f) px", *train_source.label_shift)
-    eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels)
+    eval_val = SegmentationSource(val_pairs, eval_transforms(recipe), recipe.in_channels, sections=recipe.sections)
     # unshuffled: the source permutes each epoch itself, seeded, so that a resume sees the same order
     dataset = create_dataset(train_source, recipe.batch_size, shuffle=False, num_workers=recipe.num_workers,
                              drop_remainder=True, seed=recipe.seed, num_shards=group.size, shard_id=group.rank)
