@@ -304,3 +304,18 @@ def test_bad_image_size_is_one_line(size, message, isbi_dir, tmp_path, capsys):
     assert code != 0
     assert_one_line(err, message)
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--sections", "3"], 3), (["--sections", "1"], 1)])
+def test_sections_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_path, flow_stub, capsys):
+    code, _ = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE, *flag], capsys)
+    assert code == 0
+    assert flow_stub[-1]["sections"] == expected  # None: the preset's own setting
+
+
+def test_bad_sections_is_one_line(isbi_dir, tmp_path, flow_stub, capsys):
+    code, err = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE,
+                          "--sections", "2"], capsys)
+    assert code == ARGS_ERROR
+    assert_one_line(err, "argument --sections: invalid choice: 2")
+    assert not flow_stub and not (tmp_path / "w").exists()
