@@ -39,7 +39,8 @@ def main() -> None:
     for name, epoch in (("best.ckpt", history["best_epoch"]), ("last.ckpt", history["epoch"])):
         t0 = time.perf_counter()
         net = load_model(args.train_dir / name, recipe)
-        prob = np.stack([predict_frame(net, read_sections(img, recipe.sections), recipe, tta=args.tta) for img in images])
+        prob = np.stack([predict_frame(net, read_sections(img, recipe.sections), recipe, tta=args.tta)
+                         for img in images])
         s = native_scores(prob, target)
         common.emit({"benchmark": "checkpoints", "train_dir": str(args.train_dir), "checkpoint": name,
                      "epoch": epoch,

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, volume_paths
+from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, resolve_scales, volume_paths
 from tasks.report import format_console
 from tasks.stage import _locked
 from unet.frames import check_pair, read_labels, read_volume
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
                    help="shift val and test predictions by the sub-pixel offset between the train frames' "
                         "predictions and their labels (unet/align.py)")
+    p.add_argument("--tta-scales", type=POSITIVE_FLOAT, nargs="+", metavar="SCALE",
+                   help="average the native-size predictions of the frame resized by each SCALE, e.g. "
+                        "0.875 1 1.125 (default: the preset's; fullres: 0.875 1 1.125, the others: 1)")
     p.add_argument("--register-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="train on labels shifted onto their images' membranes by the offset estimated from "
                         "the train frames (default: the preset's; unet.data.label_offset)")
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     try:
         recipe = resolve_recipe(args.preset, **{k: params[k] for k in RECIPE_OVERRIDES})
+        resolve_scales(args.preset, args.tta_scales)
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE

@@ -39,6 +39,20 @@ RECIPE_OVERRIDES = ("epochs", "batch_size", "image_size", "base_channels", "lear
                     "register_labels", "sections")
 
 
+# Each preset's test-time scales for its native-size predictions (default: the frame as it is).
+# Inference only: changing them re-runs evaluate and predict, never training. fullres: measured on its
+# champion, docs/results.md#test-time-scales.
+TTA_SCALES = {"fullres": (0.875, 1.0, 1.125)}
+
+
+def resolve_scales(preset: str, tta_scales: list[float] | None = None) -> list[float]:
+    """The given test-time scales, else the preset's; ValueError outside 0.25..4."""
+    scales = [float(s) for s in (tta_scales or TTA_SCALES.get(preset, (1.0,)))]
+    if any(not 0.25 <= s <= 4.0 for s in scales):
+        raise ValueError(f"tta_scales must be between 0.25 and 4, got {scales}")
+    return scales
+
+
 def resolve_recipe(preset: str, **overrides) -> dict:
     """The preset with the given overrides, validated (ValueError on a bad value). ``sections=3``
     also sets ``in_channels`` to 3: one input channel per section."""
@@ -68,17 +82,21 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                   learning_rate: float | None = None, tta: bool | None = None, seed: int | None = None,
                   split: str = "every_third", split_seed: int = 0, refresh: bool = False,
                   workers: int = 1, align: bool = True, register_labels: bool | None = None,
-                  image_size: int | None = None, sections: int | None = None) -> dict:
+                  image_size: int | None = None, sections: int | None = None,
+                  tta_scales: list[float] | None = None) -> dict:
     """Extract, split, build datasets, train, evaluate, keep the better of the new model and the
     champion, and predict the test frames with the champion; returns the run summary. ``align``:
     shift val and test predictions by the offset between the train frames' predictions and their
     labels (unet/align.py). ``register_labels`` (default: the preset's): train on labels shifted onto
     their images' membranes (unet.data.label_offset). ``image_size`` (default: the preset's): the side
     of the training crops (crop recipes) or of the resized frames (resize recipes). ``sections``
-    (default: the preset's): 3 feeds each frame between its neighbouring sections (2.5D)."""
+    (default: the preset's): 3 feeds each frame between its neighbouring sections (2.5D).
+    ``tta_scales`` (default: the preset's, ``TTA_SCALES``): average the native-size predictions of
+    the frame resized by each."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, image_size=image_size,
                             base_channels=base_channels, learning_rate=learning_rate, tta=tta, seed=seed,
                             register_labels=register_labels, sections=sections)
+    scales = resolve_scales(preset, tta_scales)
     work = str(Path(work_dir).resolve())
     stages = {}
     stages["extract"] = call_stage(extract_frames, refresh=refresh, work_dir=work, **volume_paths(data_dir))
@@ -93,21 +111,24 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                                  workers=workers)
     model = stages["train"][2]
     stages["evaluate"] = call_stage(evaluate, refresh=refresh, datasets=datasets, model=model, recipe=recipe,
-                                    work_dir=work, align=align)
+                                    work_dir=work, align=align, tta_scales=scales)
     champion = read_champion(work)
     champion_evaluation = None
     if champion is not None and champion["model"]["key"] != model["key"]:
         champion_evaluation = call_stage(evaluate, datasets=datasets, model=champion["model"],
-                                         recipe=champion["recipe"], work_dir=work, align=align)[2]
+                                         recipe=champion["recipe"], work_dir=work, align=align,
+                                         tta_scales=scales)[2]
     run_name = runtime.flow_run.name or "local"
     decision = promote_champion(work, model, recipe, stages["evaluate"][2], champion, champion_evaluation, run_name)
     kept = decision["champion"]
     kept_evaluation = stages["evaluate"][2] if kept["model"]["key"] == model["key"] else champion_evaluation
     stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets, model=kept["model"],
                                    recipe=kept["recipe"], work_dir=work,
-                                   alignment=kept_evaluation["metrics"]["alignment"] if align else None)
+                                   alignment=kept_evaluation["metrics"]["alignment"] if align else None,
+                                   tta_scales=scales)
     parameters = {"data_dir": str(Path(data_dir).resolve()), "work_dir": work, "preset": preset,
-                  "split": split, "split_seed": split_seed, "workers": workers, "align": align, "recipe": recipe}
+                  "split": split, "split_seed": split_seed, "workers": workers, "align": align, "tta_scales": scales,
+                  "recipe": recipe}
     summary = build_summary(run_name, parameters, stages, decision)
     write_summary(work, summary)
     publish_artifacts(summary)

@@ -27,10 +27,12 @@ POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.p
 
 @task(name="evaluate", cache_policy=POLICY)
 def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bool = True,
-             refresh: bool = False) -> dict:
+             tta_scales: list[float] | None = None, refresh: bool = False) -> dict:
     """Write metrics.json (train, val: as training's per-epoch validation; train_native,
     val_native: whole frames; alignment and val_native_unaligned), val predictions at native size
-    (val/masks, val/probabilities.tif, val/overlays) and figures (history.png, val_examples.png)."""
+    (val/masks, val/probabilities.tif, val/overlays) and figures (history.png, val_examples.png).
+    ``tta_scales``: the native-size predictions' test-time scales (``unet.infer.predict_frame``;
+    None: the frame as it is)."""
     from unet.align import Alignment, estimate_shift, shift
     from unet.data import SegmentationSource, eval_transforms, read_sections
     from unet.evaluate import native_scores, read_masks
@@ -41,6 +43,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
 
     config = Recipe.from_dict(recipe)
     logger = get_run_logger()
+    scales = tuple(tta_scales or (1.0,))
 
     def build(folder):
         net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
@@ -49,8 +52,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
                                             sections=config.sections)
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
         metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
-        train_probs = np.stack([predict_frame(net, read_sections(img, config.sections), config, tta=config.tta)
-                                for img, _ in train_pairs])
+        train_probs = np.stack([predict_frame(net, read_sections(img, config.sections), config, tta=config.tta,
+                                              scales=scales) for img, _ in train_pairs])
         train_masks = read_masks([m for _, m in train_pairs])
         alignment = estimate_shift(train_probs, train_masks) if align else Alignment()
         if align:
@@ -59,18 +62,19 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
                         alignment.mse_before, alignment.mse_after)
         metrics["train_native"] = native_scores(shift(train_probs, alignment.dy, alignment.dx), train_masks)
         preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta,
-                              align=alignment if align else None)
+                              align=alignment if align else None, scales=scales)
         probs = preds.cell_prob
         val_masks = read_masks([m for _, m in val_pairs])
         metrics["val_native"] = native_scores(probs, val_masks)
         if align:
             metrics["val_native_unaligned"] = native_scores(preds.unaligned_prob, val_masks)
         metrics["alignment"] = {"applied": align, **alignment.to_dict()}
+        metrics["tta_scales"] = list(scales)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_history(Path(model["output"]) / model["history"], folder / "history.png")
         plot_examples([img for img, _ in val_pairs], [m for _, m in val_pairs], probs, folder / "val_examples.png")
         for name, m in metrics.items():
-            if name == "alignment":
+            if name in ("alignment", "tta_scales"):
                 continue
             logger.info("%-10s acc %.4f iou %.4f dice %.4f sens %.4f spec %.4f", name, m["acc"], m["iou"],
                         m["dice"], m["sens"], m["spec"])
@@ -78,8 +82,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f "
                     "(membrane filled: V_rand %.4f, V_info %.4f)", native["membrane_dice"], native["membrane_iou"],
                     native["v_rand"], native["v_info"], native["v_rand_filled"], native["v_info_filled"])
-        return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json", "val_predictions": "val/masks",
-                "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
+        return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json",
+                "val_predictions": "val/masks", "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
                 "history_png": "history.png", "examples_png": "val_examples.png"}
 
     return run_stage(POLICY, build)

@@ -17,9 +17,9 @@ POLICY = StagePolicy(stage="predict", code=("tasks/predict.py", "tasks/stage.py"
 
 @task(name="predict_test", cache_policy=POLICY)
 def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, alignment: dict | None = None,
-                 refresh: bool = False) -> dict:
+                 tta_scales: list[float] | None = None, refresh: bool = False) -> dict:
     """Write test/masks/<stem>.png, test/probabilities.tif (float32 N x H x W), test/overlays and
-    test_examples.png."""
+    test_examples.png. ``tta_scales``: test-time scales (``unet.infer.predict_frame``; None: 1.0)."""
 
     from unet.align import Alignment
     from unet.infer import load_model, predict_files
@@ -37,8 +37,12 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, align
         if align is not None:
             logger.info("test predictions shifted by dy %+.2f dx %+.2f px (the evaluate stage's alignment)",
                         align.dy, align.dx)
-        out = predict_files(net, images, config, folder / "test", tta=config.tta, align=align,
-                            on_frame=lambda i, n: logger.info("test frame %d/%d", i, n) if i % 10 == 0 or i == n else None)
+        def progress(i: int, n: int) -> None:
+            if i % 10 == 0 or i == n:
+                logger.info("test frame %d/%d", i, n)
+
+        out = predict_files(net, images, config, folder / "test", tta=config.tta, align=align, on_frame=progress,
+                            scales=tuple(tta_scales or (1.0,)))
         plot_predictions(images, out.cell_prob, folder / "test_examples.png")
         return {"test_masks": "test/masks", "test_probabilities": "test/probabilities.tif",
                 "test_overlays": "test/overlays", "test_examples_png": "test_examples.png", "frames": out.frames}

@@ -114,6 +114,16 @@ def alignment_text(metrics: dict) -> str | None:
             f"(mean squared error {a['mse_before']:.4f} -> {a['mse_after']:.4f}; unet/align.py)")
 
 
+def scales_text(metrics: dict) -> str | None:
+    """One line on the test-time scales of the native-size predictions, or None for the frame as
+    it is (1.0 alone, or evaluations made before scales existed)."""
+    scales = metrics.get("tta_scales") or [1.0]
+    if list(scales) == [1.0]:
+        return None
+    return (f"native-size predictions averaged over the frame resized by {', '.join(f'{s:g}' for s in scales)} "
+            "(unet.infer.predict_frame)")
+
+
 def label_shift_text(summary: dict) -> str | None:
     """One line on the shift the training labels got (recipe ``register_labels``), or None."""
     shift = summary.get("label_shift")
@@ -146,6 +156,7 @@ def report_markdown(summary: dict) -> str:
         "grown over the membrane pixels (post-processing).",
         _table(metrics_rows(summary["metrics"])),
         *([f"**Alignment** {text}"] if (text := alignment_text(summary["metrics"])) else []),
+        *([f"**Test-time scales** {text}"] if (text := scales_text(summary["metrics"])) else []),
         *([f"**Registered labels** {text}"] if (text := label_shift_text(summary)) else []),
         "## Recipe\n```json\n" + json.dumps(p.get("recipe", {}), indent=2) + "\n```",
         "## Stages", _table(stages),
@@ -165,6 +176,8 @@ def format_console(summary: dict) -> str:
     champ = summary["champion"]
     if text := alignment_text(summary["metrics"]):
         lines.append(f"alignment         {text}")
+    if text := scales_text(summary["metrics"]):
+        lines.append(f"test-time scales  {text}")
     if text := label_shift_text(summary):
         lines.append(f"registered labels {text}")
     lines += [f"checkpoint        {out['checkpoint']}",

@@ -4,7 +4,8 @@ Models trained on resized frames (``input_mode="resize"``) see the frame resized
 size and their probabilities are resized back. Native-resolution models (``input_mode="crop"``)
 predict whole frames, or overlapping mirror-padded tiles blended with a smooth weight when the
 frame is larger than ``tile``. Optional 8-fold test-time augmentation averages the predictions of
-the 8 flips/rotations (the dihedral group D4), each mapped back.
+the 8 flips/rotations (the dihedral group D4), each mapped back; optional test-time scales average
+the predictions of the frame resized by each (``predict_frame(..., scales=...)``).
 """
 from __future__ import annotations
 
@@ -107,18 +108,36 @@ def _predict_tiled(net: UNet, x: np.ndarray, tile: int, overlap: int, tta: bool)
 
 
 def predict_frame(net: UNet, frame: np.ndarray, recipe: Recipe, *, tta: bool = False,
-                  tile: int = 512, overlap: int = 64) -> np.ndarray:
+                  tile: int = 512, overlap: int = 64, scales: Sequence[float] = (1.0,)) -> np.ndarray:
     """Cell probabilities float32 [H, W] for a uint8 frame [H, W] (or [H, W, 3] for a recipe of
-    3 sections: :func:`unet.data.read_sections`), at the frame's own size."""
+    3 sections: :func:`unet.data.read_sections`), at the frame's own size. ``scales``: multi-scale
+    test-time augmentation; the frame is predicted resized by each scale (bilinear; resize recipes
+    scale their input size, rounded to a multiple of 16), each prediction is resized back and the
+    probabilities are averaged. ``(1.0,)``: the frame as it is."""
     expected = (2,) if recipe.sections == 1 else (3,)
     if frame.ndim not in expected or (frame.ndim == 3 and frame.shape[-1] != recipe.sections):
         wanted = "a grey frame [H, W]" if recipe.sections == 1 else f"[H, W, {recipe.sections}] sections"
         raise ValueError(f"expected {wanted}, got shape {frame.shape}")
+    if not scales or any(not 0.25 <= s <= 4.0 for s in scales):
+        raise ValueError(f"test-time scales must be between 0.25 and 4, got {list(scales)}")
+    probs = [_predict_at_scale(net, frame, recipe, s, tta, tile, overlap) for s in scales]
+    return probs[0] if len(probs) == 1 else np.mean(probs, axis=0).astype(np.float32)
+
+
+def _predict_at_scale(net: UNet, frame: np.ndarray, recipe: Recipe, scale: float, tta: bool,
+                      tile: int, overlap: int) -> np.ndarray:
     h, w = frame.shape[:2]
     if recipe.input_mode == "resize":
-        small = cv2.resize(frame, (recipe.image_size, recipe.image_size), interpolation=cv2.INTER_LINEAR)
+        side = recipe.image_size if scale == 1.0 else max(16, int(round(recipe.image_size * scale / 16)) * 16)
+        small = cv2.resize(frame, (side, side), interpolation=cv2.INTER_LINEAR)
         prob = _predict_tta(net, to_network_input(small, recipe.in_channels), tta)
         return cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    if scale != 1.0:  # the tile scales too: a frame predicted whole at scale 1 is predicted whole here
+        scaled = cv2.resize(frame, (max(16, round(w * scale)), max(16, round(h * scale))),
+                            interpolation=cv2.INTER_LINEAR)
+        tile = max(tile, int(np.ceil(tile * scale / 16)) * 16)
+        prob = _predict_at_scale(net, scaled, recipe, 1.0, tta, tile, overlap)
+        return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
     x = to_network_input(frame, recipe.in_channels)
     if h <= tile and w <= tile:
         return _predict_tta(net, x, tta).astype(np.float32)
@@ -150,10 +169,12 @@ def _imwrite(path: Path, image: np.ndarray) -> None:
 
 def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Path | str, *,
                   tta: bool = False, threshold: float = 0.5, align: Alignment | None = None,
-                  on_frame: Callable[[int, int], None] | None = None) -> PredictionOutputs:
+                  on_frame: Callable[[int, int], None] | None = None,
+                  scales: Sequence[float] = (1.0,)) -> PredictionOutputs:
     """Predict every PNG in ``images`` (in the given order) and write masks, the probability
     TIFF and overlays under ``out_dir``. Returns where they are, and the probabilities. With
-    ``align``, each frame's probabilities are shifted by it first (:mod:`unet.align`)."""
+    ``align``, each frame's probabilities are shifted by it first (:mod:`unet.align`); ``scales``:
+    :func:`predict_frame`'s test-time scales."""
     out_dir = Path(out_dir)
     masks_dir, overlays_dir = out_dir / "masks", out_dir / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +182,7 @@ def predict_files(net: UNet, images: Sequence[Path], recipe: Recipe, out_dir: Pa
     probs, unaligned = [], []
     for i, path in enumerate(images):
         frame = read_sections(path, recipe.sections)
-        prob = predict_frame(net, frame, recipe, tta=tta)
+        prob = predict_frame(net, frame, recipe, tta=tta, scales=scales)
         frame = middle_section(frame)
         if align is not None:
             unaligned.append(prob)

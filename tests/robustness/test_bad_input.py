@@ -319,3 +319,28 @@ def test_bad_sections_is_one_line(isbi_dir, tmp_path, flow_stub, capsys):
     assert code == ARGS_ERROR
     assert_one_line(err, "argument --sections: invalid choice: 2")
     assert not flow_stub and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--tta-scales", "0.875", "1", "1.125"], [0.875, 1.0, 1.125])])
+def test_tta_scales_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_path, flow_stub, capsys):
+    code, _ = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE, *flag], capsys)
+    assert code == 0
+    assert flow_stub[-1]["tta_scales"] == expected  # None: the preset's own scales
+
+
+@pytest.mark.parametrize("scales, fragment", [(["0"], "argument --tta-scales"),
+                                              (["1", "8"], "tta_scales must be between 0.25 and 4, got [1.0, 8.0]")])
+def test_bad_tta_scales_are_one_line(scales, fragment, isbi_dir, tmp_path, flow_stub, capsys):
+    code, err = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), *SMOKE,
+                          "--tta-scales", *scales], capsys)
+    assert code == ARGS_ERROR
+    assert_one_line(err, fragment)
+    assert not flow_stub and not (tmp_path / "w").exists()
+
+
+def test_presets_test_time_scales():
+    from flows.full_pipeline import resolve_scales
+
+    assert resolve_scales("fullres") == [0.875, 1.0, 1.125]
+    assert resolve_scales("seed") == [1.0] and resolve_scales("smoke") == [1.0]
+    assert resolve_scales("fullres", [1.0]) == [1.0]  # given scales win

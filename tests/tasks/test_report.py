@@ -1,5 +1,5 @@
-"""The run report's metric rows, alignment and registered-labels lines."""
-from tasks.report import alignment_text, label_shift_text, metrics_rows
+"""The run report's metric rows, alignment, test-time scales and registered-labels lines."""
+from tasks.report import alignment_text, label_shift_text, metrics_rows, scales_text
 
 FIVE = ("acc", "iou", "dice", "sens", "spec")
 
@@ -29,3 +29,9 @@ def test_registered_labels_line_names_the_shift_or_is_absent():
     assert "dy +0.50 dx +0.25 px" in label_shift_text({"label_shift": [0.5, 0.25]})
     assert label_shift_text({"label_shift": [0.0, 0.0]}) is None
     assert label_shift_text({"label_shift": None}) is None  # models trained before register_labels
+
+
+def test_scales_line_lists_the_scales_or_is_absent():
+    assert "resized by 0.875, 1, 1.125" in scales_text({"tta_scales": [0.875, 1.0, 1.125]})
+    assert scales_text({"tta_scales": [1.0]}) is None
+    assert scales_text({"val_native": {}}) is None  # evaluations made before scales existed

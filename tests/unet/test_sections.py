@@ -128,3 +128,4 @@ def test_a_three_section_model_trains_and_predicts_real_frames(split_dir, tmp_pa
     # each frame was predicted from its own sections: the same as predicting that stack by hand
     np.testing.assert_allclose(out.cell_prob[1], predict_frame(net, read_sections(tests[1], 3), recipe), atol=1e-6)
     assert (out.overlays / "00005.png").is_file()
+

@@ -132,3 +132,26 @@ def test_checkpoint_of_another_recipe_is_rejected(trained):
     recipe, result, _, _ = trained
     with pytest.raises(ValueError, match="does not match"):
         load_model(result.best_checkpoint, recipe.replace(base_channels=16))
+
+
+def test_test_time_scales_average_the_resized_predictions(trained, frames):
+    recipe, result, _, _ = trained
+    net = load_model(result.best_checkpoint, recipe)
+    frame = cv2.imread(str(frames["val"][0][0]), cv2.IMREAD_GRAYSCALE)[:192, :256]
+    crop_recipe = recipe.replace(input_mode="crop")
+    plain = predict_frame(net, frame, crop_recipe)
+    np.testing.assert_array_equal(predict_frame(net, frame, crop_recipe, scales=(1.0,)), plain)
+    # by hand: the frame at 3/4 size, predicted, resized back; averaged with the plain prediction
+    small = cv2.resize(frame, (192, 144), interpolation=cv2.INTER_LINEAR)
+    back = cv2.resize(predict_frame(net, small, crop_recipe), (256, 192), interpolation=cv2.INTER_LINEAR)
+    both = predict_frame(net, frame, crop_recipe, scales=(0.75, 1.0))
+    assert both.shape == (192, 256) and both.dtype == np.float32
+    np.testing.assert_allclose(both, (back + plain) / 2, atol=1e-5)
+    assert np.abs(both - plain).max() > 1e-3  # the second scale changed something
+    # resize recipes scale their input size: 64 * 1.25 = 80
+    resized = predict_frame(net, frame, recipe, scales=(1.25,))
+    by_hand = cv2.resize(predict_frame(net, cv2.resize(frame, (80, 80)), recipe.replace(image_size=80)),
+                         (256, 192), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(resized, by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="test-time scales must be between 0.25 and 4"):
+        predict_frame(net, frame, crop_recipe, scales=(0.1,))
