@@ -275,7 +275,8 @@ def test_sigkill_while_predict_writes_redoes_only_predict(kill_story):
 
 def _sigterm_when(pipeline, args, name, ready, what, one_line: bool = True) -> None:
     """Start a run, SIGTERM it once ``ready()``; it must exit with 143 and without a traceback
-    (with ``one_line``: one ``error: stopped by SIGTERM`` line), its server gone within 15 s."""
+    (with ``one_line``: one ``error: stopped by SIGTERM`` line), its server gone within 60 s (an
+    orphan stays for good; on a loaded machine the server has taken over 15 s to exit)."""
     proc = pipeline.start(args, name)
     wait_for(ready, proc, 300, what)
     proc.send_signal(signal.SIGTERM)
@@ -286,7 +287,7 @@ def _sigterm_when(pipeline, args, name, ready, what, one_line: bool = True) -> N
         [line] = error_lines(err)
         assert line.startswith("error: stopped by SIGTERM"), line
     assert "Traceback" not in err
-    left = wait_gone(pipeline.home, 15)
+    left = wait_gone(pipeline.home, 60)
     assert left == {}, f"still running after SIGTERM: {left}"
 
 
