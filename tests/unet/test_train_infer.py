@@ -115,11 +115,16 @@ def test_inference_with_an_alignment_writes_the_shifted_probabilities(trained, f
     np.testing.assert_array_equal(mask, np.where(moved.cell_prob[0] >= 0.5, 255, 0))
 
 
-def test_tta_and_tiling_keep_shape_and_stay_close(trained, frames):
+def _crop_setup(trained, frames, h: int, w: int):
+    """The trained smoke model, its recipe as a crop (whole-frame) recipe, the top-left h x w of a val frame."""
     recipe, result, _, _ = trained
     net = load_model(result.best_checkpoint, recipe)
-    frame = cv2.imread(str(frames["val"][0][0]), cv2.IMREAD_GRAYSCALE)[:200, :300]
-    crop_recipe = recipe.replace(input_mode="crop")
+    frame = cv2.imread(str(frames["val"][0][0]), cv2.IMREAD_GRAYSCALE)[:h, :w]
+    return net, frame, recipe.replace(input_mode="crop")
+
+
+def test_tta_and_tiling_keep_shape_and_stay_close(trained, frames):
+    net, frame, crop_recipe = _crop_setup(trained, frames, 200, 300)
     whole = predict_frame(net, frame, crop_recipe)
     tiled = predict_frame(net, frame, crop_recipe, tile=128, overlap=32)
     tta = predict_frame(net, frame, crop_recipe, tta=True)
@@ -135,10 +140,8 @@ def test_checkpoint_of_another_recipe_is_rejected(trained):
 
 
 def test_test_time_scales_average_the_resized_predictions(trained, frames):
-    recipe, result, _, _ = trained
-    net = load_model(result.best_checkpoint, recipe)
-    frame = cv2.imread(str(frames["val"][0][0]), cv2.IMREAD_GRAYSCALE)[:192, :256]
-    crop_recipe = recipe.replace(input_mode="crop")
+    recipe = trained[0]
+    net, frame, crop_recipe = _crop_setup(trained, frames, 192, 256)
     plain = predict_frame(net, frame, crop_recipe)
     np.testing.assert_array_equal(predict_frame(net, frame, crop_recipe, scales=(1.0,)), plain)
     # by hand: the frame at 3/4 size, predicted, resized back; averaged with the plain prediction
