@@ -40,7 +40,9 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
         "best_epoch": model["best_epoch"],
         # (dy, dx) the training labels were shifted by (register_labels); models trained before it: none
         "label_shift": model.get("label_shift"),
-        "champion": {"decision": decision["decision"], "new_val_iou": decision["new_val_iou"],
+        # score: the promotion rule's (tasks.promote.champion_score); the val IoUs for reading
+        "champion": {"decision": decision["decision"], "new_score": decision["new_score"],
+                     "previous_score": decision["champion_score"], "new_val_iou": decision["new_val_iou"],
                      "previous_val_iou": decision["champion_val_iou"],
                      "checkpoint": _abs(champion["model"], "best_checkpoint"), "run": champion.get("run")},
         "outputs": {

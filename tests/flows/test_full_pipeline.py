@@ -110,7 +110,7 @@ def test_changing_epochs_reruns_training_and_downstream_only(pipeline, data_dir,
     # test predictions come from the champion: they are redone only when the new model wins
     promoted = summary["champion"]["decision"] == "promoted"
     assert states(summary) == only("train", "evaluate", *(["predict"] if promoted else []))
-    assert (summary["champion"]["new_val_iou"] >= summary["champion"]["previous_val_iou"]) == promoted
+    assert (summary["champion"]["new_score"] >= summary["champion"]["previous_score"]) == promoted
 
 
 def test_deleted_prediction_folder_reruns_only_predict(pipeline, data_dir, first_run):
