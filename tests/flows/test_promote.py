@@ -10,7 +10,7 @@ from prefect import flow
 
 from tasks.promote import champion_score, promote_champion
 
-CHAMPION = {"iou": 0.9091, "membrane_dice": 0.8344, "v_rand": 0.9258}
+CHAMPION = {"iou": 0.9091, "membrane_dice": 0.8344, "v_rand": 0.9261}
 SECTIONS3 = {"iou": 0.9102, "membrane_dice": 0.8353, "v_rand": 0.8856}
 
 
@@ -35,7 +35,7 @@ def decide(prefect_env, tmp_path):
 def test_score_is_the_mean_of_the_three_numbers():
     score, parts = champion_score(_evaluation(CHAMPION, "x"))
     assert parts == CHAMPION
-    assert score == pytest.approx((0.9091 + 0.8344 + 0.9258) / 3)
+    assert score == pytest.approx((0.9091 + 0.8344 + 0.9261) / 3)
 
 
 def test_higher_iou_with_a_much_lower_v_rand_keeps_the_champion(decide, tmp_path):
