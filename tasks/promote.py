@@ -20,6 +20,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.report import _table
 from tasks.stage import _locked, outputs_exist
 
 # val scores at native size, comparable across recipes: cell IoU (per-image mean), membrane Dice, V_rand
@@ -76,19 +77,16 @@ def promote_champion(work_dir: str, model: dict, recipe: dict, evaluation: dict,
     get_run_logger().info("champion: %s (new model score %.4f = mean of val IoU %.4f, membrane Dice %.4f, "
                           "V_rand %.4f; champion %s)", decision, new_score, *new_parts.values(), before)
 
-    def row(name: str, score: float | None, parts: dict | None, output: str) -> str:
-        if score is None:
-            return f"| {name} | — | — | — | — | `{output}` |"
-        return (f"| {name} | {score:.4f} | {parts['iou']:.4f} | {parts['membrane_dice']:.4f} | "
-                f"{parts['v_rand']:.4f} | `{output}` |")
+    def row(name: str, score: float | None, parts: dict | None, output: str) -> dict:
+        numbers = {"score": score, **(parts or dict.fromkeys(SCORE_KEYS))}
+        return {"model": name, **{k: "—" if v is None else f"{v:.4f}" for k, v in numbers.items()},
+                "checkpoint": f"`{output}`"}
 
     create_markdown_artifact(
         "\n".join([f"# Champion decision: **{decision}**", "",
-                   "| model | score | val IoU (cell) | membrane Dice | V_rand | checkpoint |",
-                   "|---|---|---|---|---|---|",
-                   row(f"new ({run_name})", new_score, new_parts, model["output"]),
-                   row("champion before", old_score, old_parts,
-                       "—" if champion_evaluation is None else champion_evaluation["model_output"]),
+                   _table([row(f"new ({run_name})", new_score, new_parts, model["output"]),
+                           row("champion before", old_score, old_parts,
+                               "—" if champion_evaluation is None else champion_evaluation["model_output"])]),
                    "", f"Test predictions use `{champion['model']['output']}`.",
                    "Rule: the new model replaces the champion when its score — the mean of its val IoU, "
                    "membrane Dice and V_rand at native size — is at least the champion's, both scored on "
