@@ -123,14 +123,22 @@ def _crop_setup(trained, frames, h: int, w: int):
     return net, frame, recipe.replace(input_mode="crop")
 
 
-def test_tta_and_tiling_keep_shape_and_stay_close(trained, frames):
+def test_blocks_equal_the_whole_frame_with_and_without_tta(trained, frames):
+    # 200 x 300 is no multiple of the network's 16: blocks of 128 with the default halo (the
+    # receptive field, unet.blocks.default_halo) must still give whole-frame inference, to float noise
     net, frame, crop_recipe = _crop_setup(trained, frames, 200, 300)
-    whole = predict_frame(net, frame, crop_recipe)
-    tiled = predict_frame(net, frame, crop_recipe, tile=128, overlap=32)
-    tta = predict_frame(net, frame, crop_recipe, tta=True)
-    assert whole.shape == tiled.shape == tta.shape == (200, 300)
-    assert np.abs(whole - tiled).mean() < 0.1
-    assert np.abs(whole - tta).mean() < 0.2
+    for tta in (False, True):
+        whole = predict_frame(net, frame, crop_recipe, tta=tta)
+        tiled = predict_frame(net, frame, crop_recipe, tta=tta, block=128)
+        assert whole.shape == tiled.shape == (200, 300)
+        print(f"tta {tta}: max |blocks - whole| = {np.abs(whole - tiled).max():.2e}")
+        np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # a halo narrower than the receptive field does change the result: the halo is what makes it exact
+    narrow = predict_frame(net, frame, crop_recipe, block=128, halo=16)
+    assert np.abs(narrow - predict_frame(net, frame, crop_recipe)).max() > 1e-4
+    # the 8 TTA views average to something else than the plain view
+    plain = predict_frame(net, frame, crop_recipe)
+    assert np.abs(predict_frame(net, frame, crop_recipe, tta=True) - plain).max() > 1e-3
 
 
 def test_checkpoint_of_another_recipe_is_rejected(trained):
