@@ -86,22 +86,25 @@ def check_work_dir(work_dir: str) -> Path:
     return work
 
 
-def start_temporary_server() -> None:
+def start_temporary_server():
     """Start Prefect's temporary server now, one process at a time per ``PREFECT_HOME``.
 
     Without ``PREFECT_API_URL`` every run starts its own server on ``$PREFECT_HOME/prefect.db``,
     and each server's start-up migrates that database and registers Prefect's block types. Two
     runs starting together race there (the servers log IntegrityError tracebacks; two migrations
     of a new database can fail). Prefect keeps one temporary server per process and the flow uses
-    this one; it is stopped when the process exits."""
+    this one; it is stopped when the process exits. Returns the server (None when a server is
+    configured, ``PREFECT_API_URL``)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
+        return None
     home = Path(PREFECT_HOME.value()).expanduser()
     with _locked(home / ".temporary-server-start.lock"):
-        SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        server.start()
+    return server
 
 
 def describe(exc: BaseException) -> str:

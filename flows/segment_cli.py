@@ -1,0 +1,153 @@
+"""The command line of ``python flows/segment.py``: arguments, checks before anything starts, one
+``error:`` line per failure and the pipeline's exit codes (:mod:`flows.cli`)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from flows.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT,
+                       Terminated, _console_without_tracebacks, _DefaultsHelp, _number, _Parser, _signals_exit,
+                       _signals_raise, describe, start_temporary_server)
+from flows.segment import FORMATS, default_output, segment_volume
+from unet.backends import TTA_VIEWS
+from unet.blocks import DEFAULT_BLOCK
+
+SIDE = _number(int, 64, "a multiple of 16, at least 64")
+HALO = _number(int, 0, "a multiple of 16, at least 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python flows/segment.py",
+        description="Segment a volume with a trained UNet, block by block: cell probabilities, mask and cell "
+                    "instances as OME-Zarr (napari, Fiji) or TIFF. A rerun continues an interrupted run and "
+                    "skips a finished one.",
+        epilog="Examples: python flows/segment.py stack.tif; python flows/segment.py frames/ --format tiff "
+               "--output out/; python flows/segment.py big.ome.zarr --workers 2. Exit codes: 0 done, 1 failed "
+               "(bad input, missing model, disk full), 2 invalid arguments, 130 interrupted, 143 terminated.",
+        formatter_class=_DefaultsHelp)
+    p.add_argument("input", metavar="INPUT",
+                   help="a TIFF stack (grey; uint8, uint16 or float), a folder of PNG/TIFF frames (sorted by name), "
+                        "or a Zarr / OME-Zarr array ([z,] y, x)")
+    p.add_argument("--output", "-o", help="where the result goes (default: <work-dir>/segmentations/<input "
+                                          "name>.ome.zarr, or <input name>/ with --format tiff)")
+    p.add_argument("--format", default="zarr", choices=FORMATS,
+                   help="zarr: one OME-Zarr (probability image, labels mask and cells); tiff: probabilities.tif, "
+                        "masks.tif, cells.tif in a folder")
+    p.add_argument("--work-dir", default="artifacts", help="the pipeline's work directory (where the champion is)")
+    p.add_argument("--model", default="champion",
+                   help="'champion' (the work directory's), or a train stage folder (<work-dir>/train/<key>) or "
+                        "a checkpoint in one")
+    p.add_argument("--tta", choices=list(TTA_VIEWS),
+                   help="test-time augmentation: none, flips (4 views) or d4 (8 flips/rotations) "
+                        "(default: the model's recipe: d4 for fullres, none for seed/smoke)")
+    p.add_argument("--tta-scales", type=POSITIVE_FLOAT, nargs="+", metavar="SCALE",
+                   help="average the predictions of the volume resized by each SCALE (default: the scales the "
+                        "model was evaluated with)")
+    p.add_argument("--block", type=SIDE, default=DEFAULT_BLOCK,
+                   help="side of a block's core in pixels (native-resolution models; resize models predict whole "
+                        "sections)")
+    p.add_argument("--halo", type=HALO,
+                   help="pixels of context around each block (default: the network's receptive field, which makes "
+                        "the result equal whole-frame inference; smaller is faster and approximate)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1,
+                   help="a local Dask cluster of this many single-threaded worker processes (1: no Dask)")
+    p.add_argument("--dask-address", metavar="ADDR",
+                   help="an existing Dask scheduler, e.g. tcp://host:8786 (docs/scale-out.md)")
+    p.add_argument("--blocks-per-task", type=POSITIVE_INT,
+                   help="blocks per Prefect task (default: about 4 tasks per worker, at most 16 blocks each)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output that holds another input's, model's or settings' segmentation")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before the server starts: the input opens, the model resolves, the output can be written."""
+    from tasks.segment import resolve_model
+    from unet.volume_io import open_volume
+
+    if args.block % 16 or (args.halo is not None and args.halo % 16):
+        raise ValueError(f"--block and --halo must be multiples of 16, got {args.block} and {args.halo}")
+    open_volume(args.input)
+    resolve_model(args.model, args.work_dir)
+    out = Path(args.output or default_output(args.input, args.work_dir, args.format)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: output exists and is a file; expected a folder (or a new path)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable (output {out})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    params = {k: v for k, v in vars(args).items() if k != "debug"}
+    with _signals_exit():
+        try:
+            check(args)
+            import mindspore  # noqa: F401  (before SIGTERM becomes an exception: flows/cli.py main)
+        except ValueError as exc:
+            if args.debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_USAGE if "--block" in str(exc) else EXIT_FAILED
+        except Exception as exc:
+            if args.debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+    quiet = contextlib.nullcontext() if args.debug else _console_without_tracebacks()
+    with _signals_raise() as signals, quiet:
+        try:
+            server = start_temporary_server()
+            if server is not None and (args.workers > 1 or args.dask_address):
+                os.environ["PREFECT_API_URL"] = server.api_url  # Dask workers report to this server
+            summary = segment_volume(**params)
+            signals.settled()
+        except (Terminated, KeyboardInterrupt, Exception) as exc:
+            signals.settled()
+            if signals.received or isinstance(exc, (Terminated, KeyboardInterrupt)):
+                how = f"stopped by {signal.Signals(signals.received[0]).name}" if signals.received else "interrupted"
+                print(f"error: {how}; finished blocks are kept and the same command continues from them",
+                      file=sys.stderr)
+                return EXIT_TERMINATED if signals.received else EXIT_INTERRUPTED
+            if args.debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    z, h, w = summary["shape"]
+    cells = summary["cells"]
+    lines = [f"segmentation  {summary['output']}",
+             f"volume        {z} sections of {h} x {w}, {summary['blocks']} blocks, {summary['seconds']} s "
+             f"({summary['sections_per_s']} sections/s)",
+             f"cells         {cells['total']} ({cells['per_section_mean']} per section)",
+             f"preview       {summary['files']['preview']}"]
+    if summary["format"] == "zarr":
+        lines.append(f"open with     napari --plugin napari-ome-zarr {summary['output']}")
+    else:
+        lines += [f"{k:<13} {v}" for k, v in summary["files"].items() if k != "preview"]
+    return "\n".join(lines)
+
+
+def run() -> int:
+    code = main()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as flows.cli.run: let the server stop
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,357 @@
+"""The segmentation flow's stages: apply a trained model to a new volume, block by block.
+
+Resume needs no other state than the output itself (as daisy does it): a block writes its chunks
+of probabilities and mask, then a marker ``.segment/blocks/<block>``; a section's cell instances
+are written, then ``.segment/sections/<z>.json``; the whole output gets ``.segment/complete.json``
+last. A rerun skips what is marked, so a run killed at any moment ends, once rerun, bit-identical
+to an uninterrupted one. ``.segment/plan.json`` records what the output is made of (input digest,
+model key, inference settings); another input, model or setting into the same output is refused
+unless ``overwrite``.
+
+Output layout: ``--format zarr`` (default), OUT is an OME-Zarr (image ``0``: cell probability;
+``labels/mask``, ``labels/cells``) with ``preview.png`` inside; ``--format tiff``, OUT is a folder
+with ``probabilities.tif``, ``masks.tif``, ``cells.tif`` and ``preview.png`` (the blocks are
+written into ``.segment/work.zarr`` first, removed when the TIFFs are written).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.stage import file_digest
+
+STATE = ".segment"
+THRESHOLD = 0.5        # the pipeline's mask threshold (tasks/predict.py, unet.infer.predict_files)
+FILL_DISTANCE = 32     # cells grow over at most this many membrane pixels (unet.blocks.fill_tile)
+IDENTITY = ("input_digest", "model_key", "settings", "threshold", "fill_distance", "format")
+
+
+class OutputMismatch(ValueError):
+    """The output folder holds a segmentation of another input, model or settings."""
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+def _evaluation_of(work_dir: Path, train_key: str) -> dict | None:
+    """The newest finished evaluate stage of the model ``train_key`` in ``work_dir``: its manifest."""
+    found = []
+    for manifest in (work_dir / "evaluate").glob("*/manifest.json"):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("inputs", {}).get("model") == f"train:{train_key}":
+            found.append((data.get("inputs", {}).get("align", False), data.get("created", ""), data))
+    return max(found, key=lambda t: t[:2])[2] if found else None
+
+
+def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
+    """``champion`` (the champion of ``work_dir``), a train stage folder, or a checkpoint inside one
+    -> {"checkpoint", "key", "train_key", "recipe", "shift", "tta_scales", "source"}. The alignment
+    shift and test-time scales are those of the model's evaluation in ``work_dir`` (none if it has
+    none). FileNotFoundError / ValueError with one line saying what to do."""
+    work = Path(work_dir).expanduser().resolve()
+    if model == "champion":
+        champion = work / "champion.json"
+        if not champion.is_file():
+            raise FileNotFoundError(f"{champion}: no champion model in {work}; train one first (make run) or "
+                                    "pass --model with a train stage folder or checkpoint")
+        record = json.loads(champion.read_text())
+        folder = Path(record["model"]["output"])
+        checkpoint = folder / record["model"]["best_checkpoint"]
+        recipe = record["recipe"]
+        source = f"champion of {work}"
+    else:
+        path = Path(model).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: model not found (expected 'champion', a train stage folder or a .ckpt in one)")
+        folder = path if path.is_dir() else path.parent
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"{path}: not a train stage folder (no manifest.json beside the checkpoint to say its "
+                             "recipe); pass a folder under <work-dir>/train/")
+        data = json.loads(manifest.read_text())
+        if data.get("stage") != "train":
+            raise ValueError(f"{folder}: a {data.get('stage')!r} stage folder, expected a train stage folder")
+        recipe = data["inputs"]["recipe"]
+        checkpoint = path if path.is_file() else folder / data["result"]["best_checkpoint"]
+        work = folder.parent.parent
+        source = str(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found; train first (make run) or pass --model")
+    evaluation = _evaluation_of(work, folder.name)
+    alignment = (evaluation or {}).get("result", {}).get("metrics", {}).get("alignment") or {}
+    applied = bool(evaluation and evaluation["inputs"].get("align", False))
+    return {"checkpoint": str(checkpoint), "key": file_digest(checkpoint)[:16], "train_key": folder.name,
+            "recipe": recipe, "source": source,
+            "shift": [float(alignment.get("dy", 0.0)), float(alignment.get("dx", 0.0))] if applied else [0.0, 0.0],
+            "tta_scales": (evaluation or {}).get("inputs", {}).get("tta_scales") or [1.0]}
+
+
+@functools.lru_cache(maxsize=2)
+def _predictor(checkpoint: str, recipe_json: str):
+    """The model, loaded once per process (each Dask worker process loads it once)."""
+    from unet.backends import load_predictor
+    from unet.recipes import Recipe
+
+    return load_predictor(checkpoint, Recipe.from_dict(json.loads(recipe_json)))
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+def state_dir(plan: dict) -> Path:
+    return Path(plan["output"]) / STATE
+
+
+def _settings(plan: dict):
+    from unet.blocks import Settings
+    from unet.recipes import Recipe
+
+    s = plan["settings"]
+    return Settings(Recipe.from_dict(plan["model"]["recipe"]), tta=s["tta"], scales=tuple(s["scales"]),
+                    shift=tuple(s["shift"]), block=s["block"], halo=s["halo"])
+
+
+def blocks_of(plan: dict):
+    from unet.blocks import grid
+
+    shape = tuple(plan["shape"])
+    return grid(shape, _settings(plan).tile(shape[1:]))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _is_ours(out: Path) -> bool:
+    return (out / STATE / "plan.json").is_file()
+
+
+def _check_output(out: Path, plan: dict, overwrite: bool) -> dict | None:
+    """The existing plan of ``out`` if it is the same segmentation; raises OutputMismatch for another
+    one (unless ``overwrite``, which removes it); ValueError for a path that is no output of ours."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: output exists and is a file; expected a folder (or a new path)")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not _is_ours(out):
+        raise ValueError(f"{out}: output folder exists and is not a segmentation of this tool; choose another "
+                         "--output (nothing was changed)")
+    existing = json.loads((out / STATE / "plan.json").read_text())
+    changed = [k for k in IDENTITY if existing.get(k) != plan.get(k)]
+    if not changed:
+        return existing
+    if not overwrite:
+        what = ", ".join("model" if k == "model_key" else "input" if k == "input_digest" else k for k in changed)
+        raise OutputMismatch(f"{out}: holds a segmentation of another {what}; pass --overwrite to replace it, "
+                             "or choose another --output")
+    shutil.rmtree(out)
+    return None
+
+
+@task(name="plan_segmentation", cache_policy=NO_CACHE)
+def plan_segmentation(input: str, output: str, format: str, model: dict, tta: str, tta_scales: list[float],
+                      block: int, halo: int | None, overwrite: bool) -> dict:
+    """Open and scan the input, decide the blocks, create (or check) the output; returns the plan."""
+    import zarr
+
+    from unet.blocks import chunk_shape
+    from unet.volume_io import content_digest, create_output, open_volume, scan
+
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    volume = scan(open_volume(input))
+    digest = content_digest(volume)
+    from unet.blocks import Settings
+    from unet.recipes import Recipe
+
+    settings = Settings(Recipe.from_dict(model["recipe"]), tta=tta, scales=tuple(tta_scales),
+                        shift=tuple(model["shift"]), block=block, halo=halo)
+    out = Path(output).expanduser().resolve()
+    plan = {"input": str(Path(input).resolve()), "input_kind": volume.kind, "input_dtype": str(volume.dtype),
+            **volume.settings(), "shape": list(volume.shape), "input_digest": digest,
+            "model_key": model["key"], "model": model, "settings": settings.to_dict(),
+            "threshold": THRESHOLD, "fill_distance": FILL_DISTANCE, "format": format, "output": str(out),
+            "store": str(out if format == "zarr" else out / STATE / "work.zarr"),
+            "chunks": list(chunk_shape(settings, volume.shape[1:]))}
+    existing = _check_output(out, plan, overwrite)
+    if existing is None:
+        out.mkdir(parents=True, exist_ok=True)
+        attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "settings", "threshold",
+                                           "fill_distance")}
+        attributes.update(model_source=model["source"], checkpoint=model["checkpoint"], recipe=model["recipe"],
+                          software="unet-isbi flows/segment.py")
+        create_output(Path(plan["store"]), tuple(plan["shape"]), tuple(plan["chunks"]), attributes)
+        zarr.open_array(str(state_dir(plan) / "local.zarr"), mode="w", shape=tuple(plan["shape"]),
+                        chunks=tuple(plan["chunks"]), dtype="uint32", fill_value=0)  # per-tile labels
+        _write_json(state_dir(plan) / "plan.json", plan)  # last: the output is ours from here on
+    plan["blocks"] = len(blocks_of(plan))
+    plan["complete"] = (state_dir(plan) / "complete.json").is_file()
+    logger.info("input %s: %s %s, %d sections of %dx%d (%s); digest %s... in %.1f s", input, volume.kind,
+                volume.dtype, *volume.shape, volume.conversion if volume.conversion != "none" else "uint8",
+                digest[:12], time.perf_counter() - t0)
+    return plan
+
+
+def blocks_to_do(plan: dict) -> list[int]:
+    done = state_dir(plan) / "blocks"
+    return [b.index for b in blocks_of(plan) if not (done / b.name).is_file()]
+
+
+def sections_to_do(plan: dict) -> list[int]:
+    done = state_dir(plan) / "sections"
+    return [z for z in range(plan["shape"][0]) if not (done / f"{z:05d}.json").is_file()]
+
+
+# ---- the work ------------------------------------------------------------------------------------
+
+@task(name="predict_blocks", cache_policy=NO_CACHE, retries=0)
+def predict_blocks(plan: dict, indices: list[int]) -> dict:
+    """Predict the blocks ``indices``: write probabilities and mask, then mark each done."""
+    from unet.blocks import predict_block
+    from unet.volume_io import open_volume, output_arrays
+
+    t0 = time.perf_counter()
+    blocks = blocks_of(plan)
+    settings = _settings(plan)
+    volume = open_volume(plan["input"], plan["conversion"], plan["colour"])
+    predictor = _predictor(plan["model"]["checkpoint"], json.dumps(plan["model"]["recipe"], sort_keys=True))
+    arrays = output_arrays(Path(plan["store"]))
+    marks = state_dir(plan) / "blocks"
+    marks.mkdir(parents=True, exist_ok=True)
+    shape = tuple(plan["shape"])
+    for i in indices:
+        b = blocks[i]
+        if (marks / b.name).is_file():
+            continue
+        prob = predict_block(predictor, volume.read, shape, b, settings)
+        arrays["prob"][b.z, b.y0:b.y1, b.x0:b.x1] = prob
+        arrays["mask"][b.z, b.y0:b.y1, b.x0:b.x1] = np.where(prob >= plan["threshold"], 255, 0).astype(np.uint8)
+        tmp = marks / f".{b.name}.tmp"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "seconds": round(time.perf_counter() - t0, 3)}))
+        os.replace(tmp, marks / b.name)  # done only once its chunks are written
+    return {"blocks": len(indices), "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+
+@task(name="label_sections", cache_policy=NO_CACHE)
+def label_sections(plan: dict, sections: list[int]) -> dict:
+    """Cell instances of each section in ``sections``, tile by tile (storage chunks), merged across
+    tile edges; then each section is marked done with its cell count."""
+    import zarr
+
+    from unet.blocks import Block, fill_tile, grid, label_tile, merge_tiles, tile_edges
+    from unet.volume_io import output_arrays
+
+    t0 = time.perf_counter()
+    arrays = output_arrays(Path(plan["store"]))
+    scratch = zarr.open_array(str(state_dir(plan) / "local.zarr"), mode="r+")
+    _, h, w = plan["shape"]
+    tiles = grid((1, h, w), tuple(plan["chunks"][1:]))
+    distance = plan["fill_distance"]
+    counts = {}
+    for z in sections:
+        firsts = []
+        for t in tiles:
+            local = label_tile(np.asarray(arrays["mask"][z, t.y0:t.y1, t.x0:t.x1]) > 0, t.y0, t.x0, w)
+            scratch[z, t.y0:t.y1, t.x0:t.x1] = local.labels
+            firsts.append(local.first)
+
+        def edges():
+            for a, b, side in tile_edges(tiles):
+                ta, tb = tiles[a], tiles[b]
+                if side == "below":
+                    yield a, b, scratch[z, ta.y1 - 1, ta.x0:ta.x1], scratch[z, tb.y0, tb.x0:tb.x1]
+                else:
+                    yield a, b, scratch[z, ta.y0:ta.y1, ta.x1 - 1], scratch[z, tb.y0:tb.y1, tb.x0]
+
+        luts = merge_tiles(tiles, firsts, edges())
+        count = int(max((int(lut.max()) for lut in luts), default=0))
+        for t in tiles:
+            region = Block(0, z, max(t.y0 - distance, 0), min(t.y1 + distance, h),
+                           max(t.x0 - distance, 0), min(t.x1 + distance, w))
+            labels = np.zeros((region.y1 - region.y0, region.x1 - region.x0), np.uint32)
+            for u, lut in zip(tiles, luts):  # the merged ids of every tile the region overlaps
+                y0, y1 = max(u.y0, region.y0), min(u.y1, region.y1)
+                x0, x1 = max(u.x0, region.x0), min(u.x1, region.x1)
+                if y0 < y1 and x0 < x1:
+                    labels[y0 - region.y0:y1 - region.y0, x0 - region.x0:x1 - region.x0] = \
+                        lut[np.asarray(scratch[z, y0:y1, x0:x1])]
+            core = (t.y0 - region.y0, t.y1 - region.y0, t.x0 - region.x0, t.x1 - region.x0)
+            arrays["cells"][z, t.y0:t.y1, t.x0:t.x1] = fill_tile(labels, core, distance)
+        _write_json(state_dir(plan) / "sections" / f"{z:05d}.json", {"cells": count})
+        counts[z] = count
+    return {"sections": len(sections), "seconds": time.perf_counter() - t0, "cells": counts}
+
+
+@task(name="finish_segmentation", cache_policy=NO_CACHE)
+def finish_segmentation(plan: dict, seconds: float) -> dict:
+    """Preview, TIFF export (``format`` tiff), the summary; ``complete.json`` last."""
+    from unet.viz import plot_segmentation
+    from unet.volume_io import open_volume, output_arrays, write_tiff
+
+    logger = get_run_logger()
+    out, state = Path(plan["output"]), state_dir(plan)
+    arrays = output_arrays(Path(plan["store"]), mode="r")
+    counts = [json.loads((state / "sections" / f"{z:05d}.json").read_text())["cells"]
+              for z in range(plan["shape"][0])]
+    z_count = plan["shape"][0]
+    shown = sorted({0, z_count // 2, z_count - 1})
+    volume = open_volume(plan["input"], plan["conversion"], plan["colour"])
+    plot_segmentation([volume.section(z) for z in shown], [arrays["prob"][z] for z in shown],
+                      [arrays["cells"][z] for z in shown], [f"section {z}" for z in shown], out / "preview.png")
+    files = {"preview": str(out / "preview.png")}
+    if plan["format"] == "tiff":
+        for name, key, dtype in (("probabilities.tif", "prob", "float32"), ("masks.tif", "mask", "uint8"),
+                                 ("cells.tif", "cells", "uint32")):
+            write_tiff(out / name, arrays[key], dtype)
+            files[key] = str(out / name)
+        logger.info("wrote %s", ", ".join(files.values()))
+    else:
+        files.update(prob=f"{out}/0", mask=f"{out}/labels/mask/0", cells=f"{out}/labels/cells/0")
+    summary = {"input": plan["input"], "output": str(out), "format": plan["format"], "shape": plan["shape"],
+               "blocks": plan["blocks"], "seconds": round(seconds, 2),
+               "sections_per_s": round(z_count / seconds, 3) if seconds > 0 else None,
+               "cells": {"total": int(sum(counts)), "per_section_mean": round(float(np.mean(counts)), 1),
+                         "per_section_min": int(min(counts)), "per_section_max": int(max(counts))},
+               "model": plan["model"]["source"], "model_key": plan["model_key"], "settings": plan["settings"],
+               "threshold": plan["threshold"], "files": files,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_json(state / "complete.json", summary)
+    for scratch in ("local.zarr", "work.zarr") if plan["format"] == "tiff" else ("local.zarr",):
+        shutil.rmtree(state / scratch, ignore_errors=True)
+    return summary
+
+
+def completed_summary(plan: dict) -> dict:
+    return json.loads((state_dir(plan) / "complete.json").read_text())
+
+
+def summary_markdown(summary: dict, state: str) -> str:
+    z, h, w = summary["shape"]
+    cells = summary["cells"]
+    s = summary["settings"]
+    rows = [("output", f"`{summary['output']}` ({summary['format']})"), ("input", f"`{summary['input']}`"),
+            ("volume", f"{z} sections of {h} x {w}"), ("blocks", f"{summary['blocks']} (block {s['block']}, "
+                                                                 f"halo {s['halo']})"),
+            ("seconds", summary["seconds"]), ("sections/s", summary["sections_per_s"]),
+            ("cells", f"{cells['total']} (per section {cells['per_section_min']}..{cells['per_section_max']}, "
+                      f"mean {cells['per_section_mean']})"),
+            ("model", f"{summary['model']} (key {summary['model_key']})"),
+            ("inference", f"TTA {s['tta']}, scales {s['scales']}, shift {s['shift']}, threshold {summary['threshold']}"),
+            ("state", state)]
+    return "\n".join([f"# Segmentation of `{Path(summary['input']).name}`", "", "| | |", "|---|---|",
+                      *[f"| {k} | {v} |" for k, v in rows], "",
+                      f"Open it in napari: `napari --plugin napari-ome-zarr {summary['output']}`"
+                      if summary["format"] == "zarr" else f"Files: {', '.join(summary['files'].values())}"])
