@@ -10,6 +10,7 @@ lists the options; the command line is :mod:`flows.segment_cli`, this module onl
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # Dask workers: no start/stop chatter
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact  # noqa: E402
@@ -49,10 +51,12 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     if dask_address or workers > 1:
         from prefect_dask import DaskTaskRunner
 
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's start/stop chatter
+
         if dask_address:
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "silence_logs": logging.WARNING})
     return ThreadPoolTaskRunner(max_workers=1)
 
 
