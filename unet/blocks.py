@@ -50,7 +50,8 @@ def receptive_radius(depth: int = DEPTH, convs: int = 2) -> int:
     level's stride, the 2x2 poolings and the bilinear upsamplings (130 for depth 4)."""
     down = sum(convs * 2**level for level in range(depth + 1))      # encoder and bottom convs
     pools = sum(2**level / 2 for level in range(depth))
-    up = sum(2**level + convs * 2**level for level in range(depth))  # upsampling + decoder convs
+    # a 2x bilinear upsampling reads the neighbouring coarse pixel, 2**(level + 1) fine pixels away
+    up = sum(2 ** (level + 1) + convs * 2**level for level in range(depth))  # + the decoder convs
     return math.ceil(down + pools + up)
 
 

@@ -19,7 +19,6 @@ import logging
 import os
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -205,25 +204,36 @@ def _open_tiff(path: Path) -> Volume:
     _sniff(path)
     try:
         tif = tifffile.TiffFile(path)
-        series = tif.series[0] if tif.series else None
-        if series is None:
-            raise ValueError("no image data")
+        if len(tif.series) != 1:
+            shapes = ", ".join(str(tuple(s.shape)) for s in tif.series[:4]) or "none"
+            raise ValueError(f"{len(tif.series)} image series ({shapes}), expected one stack of equal frames")
+        series = tif.series[0]
         store = zarr.open(series.aszarr(), mode="r")
         axes = series.axes
     except (ValueError, OSError, tifffile.TiffFileError, KeyError, IndexError, struct.error) as exc:
         raise ValueError(f"{path}: not a readable TIFF stack ({exc})") from None
-    shape = tuple(store.shape)
-    rgb = axes.endswith("S") and shape[-1] in (3, 4)
-    spatial = shape[:-1] if rgb else shape
-    if len(spatial) == 2:
-        source = (lambda z, y0, y1, x0, x1: store[y0:y1, x0:x1])
-        spatial = (1, *spatial)
-    elif len(spatial) == 3:
-        source = (lambda z, y0, y1, x0, x1: store[z, y0:y1, x0:x1])
-    else:
+    shape = tuple(int(s) for s in store.shape)
+    # colour: tifffile's samples axis S (last, or first for planar RGB); the last two others are y, x
+    samples = axes.index("S") if "S" in axes and shape[axes.index("S")] in (3, 4) else None
+    others = [i for i in range(len(shape)) if i != samples]
+    stack = [i for i in others[:-2] if shape[i] > 1]
+    if len(others) < 2 or len(stack) > 1:
         raise ValueError(f"{path}: a {len(shape)}-D image (axes {axes!r}, shape {shape}); expected a stack "
-                         "of grey frames (z, y, x) or one frame (y, x)")
-    volume = Volume(path, "tiff", tuple(int(s) for s in spatial), store.dtype, rgb, source)
+                         "of grey frames (z, y, x) or one frame (y, x), not a 4-D or multichannel volume")
+    z_axis = stack[0] if stack else None
+
+    def source(z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        index = [0] * len(shape)
+        index[others[-2]], index[others[-1]] = slice(y0, y1), slice(x0, x1)
+        if z_axis is not None:
+            index[z_axis] = z
+        if samples is not None:
+            index[samples] = slice(None)
+        region = np.asarray(store[tuple(index)])
+        return np.moveaxis(region, 0, -1) if samples is not None and samples < others[-2] else region
+
+    spatial = (shape[z_axis] if z_axis is not None else 1, shape[others[-2]], shape[others[-1]])
+    volume = Volume(path, "tiff", spatial, store.dtype, samples is not None, source)
     volume._file = tif  # keeps the file open while the volume lives
     return volume
 
@@ -276,8 +286,9 @@ def _open_frames(path: Path) -> Volume:
     def source(z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if z not in cache:
             image = _imread(frames[z])
-            if image.shape[:2] != first.shape[:2] or image.ndim != first.ndim:
-                raise ValueError(f"{frames[z]}: frame of shape {image.shape}, expected {first.shape}")
+            if image.shape != first.shape or image.dtype != first.dtype:
+                raise ValueError(f"{frames[z]}: {image.dtype} frame of shape {image.shape}, but {frames[0].name} "
+                                 f"is {first.dtype} {first.shape}; expected frames of one size and pixel type")
             cache[z] = image
             while len(cache) > 3:  # a section and its two neighbours
                 cache.popitem(last=False)
@@ -384,18 +395,9 @@ def write_tiff(path: Path, array: Any, dtype: str) -> None:
         for i in range(z):
             yield np.asarray(array[i], dtype=dtype)
 
-    tifffile.imwrite(tmp, data=sections(), shape=(z, h, w), dtype=dtype, photometric="minisblack",
-                     bigtiff=nbytes > 2**31)
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class VolumeInfo:
-    """What the segmentation flow records of its input."""
-
-    path: str
-    kind: str
-    shape: tuple[int, int, int]
-    dtype: str
-    conversion: str
-    colour: str
+    try:
+        tifffile.imwrite(tmp, data=sections(), shape=(z, h, w), dtype=dtype, photometric="minisblack",
+                         bigtiff=nbytes > 2**31)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

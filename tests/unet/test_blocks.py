@@ -126,8 +126,6 @@ def test_unet_dependency_extent_of_the_layer_structure_is_122():
     assert _unet_dependency_extent() == 122
 
 
-@pytest.mark.xfail(strict=True, reason="receptive_radius() counts each bilinear upsampling as one "
-                   "fine pixel (2**level) instead of one coarse pixel (2**(level+1)): 115, not 130")
 def test_receptive_radius_is_130_for_depth_4():
     # The bound unet/blocks.py documents ("130 px for 4 levels"), from unet/model.py's layers:
     #   encoder + bottom: 2 convs (3x3, reach 1) at strides 1, 2, 4, 8, 16: 2 * 31 = 62
@@ -138,25 +136,16 @@ def test_receptive_radius_is_130_for_depth_4():
     assert receptive_radius() == 130
 
 
-@pytest.mark.xfail(strict=True, reason="receptive_radius() is 115 < 122, the farthest input pixel the "
-                   "UNet's output depends on (see _unet_dependency_extent)")
 def test_receptive_radius_covers_the_unet_dependency_extent():
     assert receptive_radius() >= _unet_dependency_extent()
 
 
-@pytest.mark.xfail(strict=True, reason="default_halo follows receptive_radius() = 115: 128 at scale 1 "
-                   "and 144 at scales (0.875, 1, 1.125), instead of 144 and 160")
 def test_default_halo_of_a_crop_recipe_is_the_radius_at_the_smallest_scale_on_the_16_grid():
     assert default_halo(CROP) == 144                        # 130 rounded up to 16
     assert default_halo(CROP, (0.875, 1.0, 1.125)) == 160   # 130 / 0.875 = 148.6, rounded up to 16
 
 
-_SHORT_HALO = pytest.mark.xfail(strict=True, reason="default_halo follows receptive_radius() = 115 < 122: "
-                                "at scale 0.9 it is 128 < 122 / 0.9 = 135.6, at 0.5 240 < 244")
-
-
-@pytest.mark.parametrize("scale", [pytest.param(0.5, marks=_SHORT_HALO), 0.875,
-                                   pytest.param(0.9, marks=_SHORT_HALO), 1.0, 1.125, 2.0])
+@pytest.mark.parametrize("scale", [0.5, 0.875, 0.9, 1.0, 1.125, 2.0])
 def test_default_halo_covers_the_dependency_extent_at_each_scale(scale):
     assert default_halo(CROP, (scale,)) >= math.ceil(_unet_dependency_extent() / scale)
 

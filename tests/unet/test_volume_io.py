@@ -123,8 +123,6 @@ def test_rgb_with_different_channels_is_luminance_as_the_extract_stage(tmp_path)
     np.testing.assert_array_equal(_whole(volume), read_volume(path))
 
 
-@pytest.mark.xfail(strict=True, reason="volume_io reads a planar RGB TIFF (axes 'SYX') as 3 grey "
-                   "sections; unet.frames.read_volume reads it as one RGB frame (luminance)")
 def test_planar_rgb_tiff_reads_as_the_extract_stage(tmp_path):
     planes = _rng().integers(0, 256, (3, 128, 128), dtype=np.uint8)
     path = tmp_path / "planar.tif"
@@ -148,8 +146,6 @@ def test_tiled_compressed_tiff_regions(tmp_path):
     np.testing.assert_array_equal(volume.read(1, 10, 200, 30, 250), array[1, 10:200, 30:250])
 
 
-@pytest.mark.xfail(strict=True, reason="volume_io opens only the first TIFF series: pages of another "
-                   "size are dropped silently (unet.frames.read_volume rejects the file)")
 def test_tiff_with_pages_of_different_sizes_is_rejected(tmp_path):
     path = tmp_path / "mixed.tif"
     with tifffile.TiffWriter(path) as tif:
@@ -197,8 +193,6 @@ def test_empty_frame_folder_is_rejected(tmp_path):
         open_volume(tmp_path / "empty")
 
 
-@pytest.mark.xfail(strict=True, reason="frames are converted with the first frame's conversion only: a "
-                   "16-bit frame after an 8-bit one is returned by read() as uint16, unconverted")
 def test_frame_folder_with_mixed_bit_depths_reads_uint8_or_is_rejected(tmp_path):
     frames = _rng().integers(0, 256, (2, 96, 120), dtype=np.uint8)
     folder = _frame_folder(tmp_path / "frames", [frames[0], frames[1].astype(np.uint16) * 257])
