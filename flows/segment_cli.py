@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from flows.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT,
                        Terminated, _console_without_tracebacks, _DefaultsHelp, _number, _Parser, _signals_exit,
@@ -17,8 +18,22 @@ from flows.segment import FORMATS, default_output, segment_volume
 from unet.backends import TTA_VIEWS
 from unet.blocks import DEFAULT_BLOCK
 
-SIDE = _number(int, 64, "a multiple of 16, at least 64")
-HALO = _number(int, 0, "a multiple of 16, at least 0")
+def _multiple_of_16(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` and a multiple of 16 (the network's pooling grid)."""
+    what = f"a multiple of 16, at least {low}"
+    number = _number(int, low, what)
+
+    def parse(text: str) -> int:
+        value = number(text)
+        if value % 16:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+SIDE = _multiple_of_16(64)
+HALO = _multiple_of_16(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +87,6 @@ def check(args: argparse.Namespace) -> None:
     from tasks.segment import resolve_model
     from unet.volume_io import open_volume
 
-    if args.block % 16 or (args.halo is not None and args.halo % 16):
-        raise ValueError(f"--block and --halo must be multiples of 16, got {args.block} and {args.halo}")
     open_volume(args.input)
     resolve_model(args.model, args.work_dir)
     out = Path(args.output or default_output(args.input, args.work_dir, args.format)).expanduser()
@@ -95,11 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check(args)
             import mindspore  # noqa: F401  (before SIGTERM becomes an exception: flows/cli.py main)
-        except ValueError as exc:
-            if args.debug:
-                raise
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return EXIT_USAGE if "--block" in str(exc) else EXIT_FAILED
         except Exception as exc:
             if args.debug:
                 raise

@@ -154,9 +154,16 @@ def _check_output(out: Path, plan: dict, overwrite: bool) -> dict | None:
     if not changed:
         return existing
     if not overwrite:
-        what = ", ".join("model" if k == "model_key" else "input" if k == "input_digest" else k for k in changed)
-        raise OutputMismatch(f"{out}: holds a segmentation of another {what}; pass --overwrite to replace it, "
-                             "or choose another --output")
+        names = {"model_key": "model", "input_digest": "input"}
+        what = []
+        for k in changed:
+            if k == "settings":
+                what += [f"{s} ({existing[k].get(s)}, now {plan[k][s]})" for s in plan[k]
+                         if existing[k].get(s) != plan[k][s]]
+            else:
+                what.append(names.get(k, f"{k} ({existing.get(k)}, now {plan.get(k)})"))
+        raise OutputMismatch(f"{out}: holds a segmentation with another {', '.join(what)}; pass --overwrite to "
+                             "replace it, or choose another --output")
     shutil.rmtree(out)
     return None
 

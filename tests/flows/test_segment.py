@@ -1,0 +1,261 @@
+"""segment-volume on real ISBI data with a smoke model trained by the pipeline: equal to the
+pipeline's own test prediction, blocks equal to whole frames, resume, refusals, errors, disk full."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from skimage.measure import label
+from skimage.segmentation import expand_labels
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SEGMENT = REPO / "flows" / "segment.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_work(prefect_env, isbi_dir, tmp_path_factory):
+    """A work dir with a champion: the smoke pipeline on the real volumes."""
+    from flows.full_pipeline import full_pipeline
+
+    work = tmp_path_factory.mktemp("work")
+    summary = full_pipeline(data_dir=str(isbi_dir), work_dir=str(work), preset="smoke")
+    return work, summary
+
+
+@pytest.fixture(scope="module")
+def crop_model(smoke_work, tmp_path_factory):
+    """A train stage folder whose recipe is the smoke weights run at native resolution (a crop
+    recipe, as fullres): the same network class, so blocks and halos matter."""
+    work, summary = smoke_work
+    folder = Path(summary["stages"]["train"]["output"])
+    stage = tmp_path_factory.mktemp("cropwork") / "train" / "crop0001"
+    stage.mkdir(parents=True)
+    (stage / "best.ckpt").write_bytes((folder / "best.ckpt").read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["inputs"]["recipe"].update(input_mode="crop", name="smoke-crop")
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    return stage
+
+
+@pytest.fixture(scope="module")
+def segment(prefect_env):
+    from flows.segment import segment_volume
+
+    def run(input, output, **kw):
+        return segment_volume(input=str(input), output=str(output), **kw)
+    return run
+
+
+def arrays(out: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(out), mode="r")
+    return {"prob": root["0"][:], "mask": root["labels/mask/0"][:], "cells": root["labels/cells/0"][:]}
+
+
+def frames_folder(folder: Path, stack: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(stack):
+        cv2.imwrite(str(folder / f"s{i:03d}.png"), frame)
+    return folder
+
+
+def test_segmenting_the_test_volume_equals_the_pipelines_test_prediction(segment, smoke_work, isbi_dir, tmp_path):
+    work, pipeline = smoke_work
+    out = tmp_path / "test.ome.zarr"
+    summary = segment(isbi_dir / "test-volume.tif", out, work_dir=str(work))
+    predict = Path(pipeline["stages"]["predict"]["output"]) / "test"
+    expected = tifffile.imread(predict / "probabilities.tif")
+    got = arrays(out)
+    diff = float(np.abs(got["prob"] - expected).max())
+    print(f"max |segment-volume - predict_test| = {diff:.2e}")
+    assert got["prob"].shape == (30, 512, 512) and got["prob"].dtype == np.float32
+    assert diff <= 1e-5
+    for z in (0, 17, 29):
+        png = cv2.imread(str(predict / "masks" / f"{z:05d}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(got["mask"][z], png)
+        # cells: 4-connected components of the mask, grown over the membrane by at most 32 px
+        whole = expand_labels(label(expected[z] >= 0.5, connectivity=1), 32)
+        np.testing.assert_array_equal(got["cells"][z], whole)
+    assert summary["cells"]["total"] == sum(int(c.max()) for c in got["cells"])
+    # an OME-Zarr napari's reader opens: the probability image with its two label images
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    names = {node.metadata.get("name"): node.data[0].shape for node in Reader(parse_url(str(out)))()
+             if node.data}
+    assert names == {"cell probability": (30, 512, 512), "mask": (30, 512, 512), "cells": (30, 512, 512)}
+    attrs = zarr.open_group(str(out), mode="r").attrs["segmentation"]
+    assert attrs["model_key"] == summary["model_key"] and len(attrs["input_digest"]) == 64
+    assert attrs["settings"]["tta"] == "none" and attrs["threshold"] == 0.5
+    assert (out / "preview.png").stat().st_size > 10_000
+
+
+def test_a_rerun_is_a_no_op_and_other_settings_are_refused_unless_overwrite(segment, smoke_work, isbi_dir, tmp_path):
+    from tasks.segment import OutputMismatch
+
+    work = str(smoke_work[0])
+    out = tmp_path / "again.ome.zarr"
+    first = segment(isbi_dir / "test-volume.tif", out, work_dir=work)
+    chunk = out / "0" / "c" / "3" / "0" / "0"
+    written = chunk.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = segment(isbi_dir / "test-volume.tif", out, work_dir=work)
+    print(f"rerun of a finished segmentation: {time.perf_counter() - t0:.1f} s")
+    assert again == first and chunk.stat().st_mtime_ns == written
+    with pytest.raises(OutputMismatch, match=r"another tta \(none, now flips\)"):
+        segment(isbi_dir / "test-volume.tif", out, work_dir=work, tta="flips")
+    assert chunk.stat().st_mtime_ns == written  # refused: nothing touched
+    replaced = segment(isbi_dir / "test-volume.tif", out, work_dir=work, tta="flips", overwrite=True)
+    assert replaced["settings"]["tta"] == "flips"
+    assert zarr.open_group(str(out), mode="r").attrs["segmentation"]["settings"]["tta"] == "flips"
+
+
+def test_blocks_on_frames_of_any_size_equal_whole_frames(segment, crop_model, isbi_dir, tmp_path):
+    # 300 x 420: no multiple of 16 nor of the block; 128-pixel blocks -> 3 x 4 blocks per section
+    stack = tifffile.imread(isbi_dir / "test-volume.tif")[:3, 50:350, 40:460]
+    folder = frames_folder(tmp_path / "frames", stack)
+    blocks = segment(folder, tmp_path / "blocks.ome.zarr", model=str(crop_model), block=128)
+    whole = segment(folder, tmp_path / "whole.ome.zarr", model=str(crop_model))
+    assert (blocks["blocks"], whole["blocks"]) == (36, 3)
+    a, b = arrays(tmp_path / "blocks.ome.zarr"), arrays(tmp_path / "whole.ome.zarr")
+    diff = float(np.abs(a["prob"] - b["prob"]).max())
+    print(f"max |blocks of 128 - whole frames| = {diff:.2e}")
+    assert diff <= 1e-5
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    # one id per cell across block edges, numbered as labelling the whole section numbers them
+    np.testing.assert_array_equal(a["cells"], b["cells"])
+    assert a["cells"].max() > 10
+
+
+def test_tiff_format_writes_the_three_stacks(segment, smoke_work, isbi_dir, tmp_path):
+    out = tmp_path / "tiffs"
+    summary = segment(isbi_dir / "test-volume.tif", out, work_dir=str(smoke_work[0]), format="tiff")
+    prob = tifffile.imread(out / "probabilities.tif")
+    assert prob.shape == (30, 512, 512) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    expected = tifffile.imread(Path(smoke_work[1]["stages"]["predict"]["output"]) / "test" / "probabilities.tif")
+    assert np.abs(prob - expected).max() <= 1e-5
+    masks, cells = tifffile.imread(out / "masks.tif"), tifffile.imread(out / "cells.tif")
+    assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 255}
+    np.testing.assert_array_equal(masks, np.where(prob >= 0.5, 255, 0))
+    assert cells.dtype == np.uint32 and int(sum(c.max() for c in cells)) == summary["cells"]["total"]
+    assert not (out / ".segment" / "work.zarr").exists()  # the block store is gone once the TIFFs exist
+
+
+def test_disk_full_marks_no_block_that_was_not_written(segment, crop_model, isbi_dir, tmp_path, monkeypatch):
+    import unet.volume_io
+
+    stack = tifffile.imread(isbi_dir / "test-volume.tif")[:2, :256, :256]
+    folder = frames_folder(tmp_path / "frames", stack)
+    reference = segment(folder, tmp_path / "ref.ome.zarr", model=str(crop_model), block=128)
+    real = unet.volume_io.output_arrays
+    writes = []
+
+    class FullDisk:
+        def __init__(self, array):
+            self.array = array
+
+        def __setitem__(self, where, value):
+            writes.append(where)
+            if len(writes) >= 3:  # the disk stays full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.array[where] = value
+
+    def failing(path, mode="r+"):
+        found = real(path, mode)
+        return {**found, "prob": FullDisk(found["prob"])}
+
+    monkeypatch.setattr(unet.volume_io, "output_arrays", failing)
+    out = tmp_path / "full.ome.zarr"
+    with pytest.raises(OSError, match="No space left"):
+        segment(folder, out, model=str(crop_model), block=128, blocks_per_task=1)
+    marked = sorted(p.name for p in (out / ".segment" / "blocks").iterdir() if not p.name.startswith("."))
+    assert len(marked) == 2  # the two blocks written before the third write failed, not the third
+    monkeypatch.setattr(unet.volume_io, "output_arrays", real)
+    resumed = segment(folder, out, model=str(crop_model), block=128)
+    assert resumed["cells"] == reference["cells"]
+    for key, value in arrays(out).items():
+        np.testing.assert_array_equal(value, arrays(tmp_path / "ref.ome.zarr")[key])
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def cli(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SEGMENT), *args], env=cli_env(home), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_bad_inputs_get_one_error_line_and_write_nothing(smoke_work, isbi_dir, tmp_path):
+    work = str(smoke_work[0])
+    png = tmp_path / "frame.tif"
+    cv2.imwrite(str(tmp_path / "frame.png"), np.zeros((64, 64), np.uint8))
+    png.write_bytes((tmp_path / "frame.png").read_bytes())
+    multichannel = tmp_path / "rgbish.zarr"
+    zarr.open_array(str(multichannel), mode="w", shape=(2, 3, 128, 128), dtype="uint8")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    cases = [
+        ([str(png), "--work-dir", work], 1, "PNG"),
+        ([str(multichannel), "--work-dir", work], 1, "multichannel"),
+        ([str(tmp_path / "missing.tif"), "--work-dir", work], 1, "input not found"),
+        ([str(isbi_dir / "test-volume.tif"), "--work-dir", work, "--output", str(a_file)], 1, "is a file"),
+        ([str(isbi_dir / "test-volume.tif"), "--work-dir", str(tmp_path / "empty")], 1, "train one first (make run)"),
+        ([str(isbi_dir / "test-volume.tif"), "--work-dir", work, "--block", "100"], 2, "argument --block: expected a multiple of 16"),
+    ]
+    for args, code, words in cases:
+        done = cli(args, tmp_path / "home")
+        lines = errors(done.stderr)
+        assert done.returncode == code and len(lines) == 1 and words in lines[0], (args, done.stderr[-2000:])
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "empty").exists()
+    assert not (Path(work) / "segmentations").exists()
+
+
+def test_sigkill_mid_volume_then_the_same_command_finishes_bit_identical(segment, crop_model, isbi_dir, tmp_path):
+    stack = tifffile.imread(isbi_dir / "test-volume.tif")[:6]
+    source = tmp_path / "six.tif"
+    tifffile.imwrite(source, stack, photometric="minisblack")
+    reference = tmp_path / "ref.ome.zarr"
+    segment(source, reference, model=str(crop_model), block=128)
+    out = tmp_path / "killed.ome.zarr"
+    args = [str(source), "--output", str(out), "--model", str(crop_model), "--block", "128", "--blocks-per-task", "2"]
+    home = tmp_path / "home"
+    proc = subprocess.Popen([sys.executable, str(SEGMENT), *args], env=cli_env(home), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marks = out / ".segment" / "blocks"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if marks.is_dir() and len([p for p in marks.iterdir() if not p.name.startswith(".")]) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its temporary server, as an OOM kill of the group would
+    proc.wait()
+    done_before = len([p for p in marks.iterdir() if not p.name.startswith(".")])
+    assert 10 <= done_before < 96
+    again = cli(args, home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    logged = f"{done_before} of 96 blocks done, {96 - done_before} to go"
+    assert logged in again.stdout + again.stderr
+    for key, value in arrays(out).items():
+        np.testing.assert_array_equal(value, arrays(reference)[key])
