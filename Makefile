@@ -8,7 +8,7 @@ ARGS   ?=
 DATA_DIR ?= $(if $(wildcard datasets/ISBI/train-volume.tif),datasets/ISBI,$(if $(wildcard ../shared/data/isbi2012/train-volume.tif),../shared/data/isbi2012,datasets/ISBI))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test test-all setup clean-venv server deploy worker trigger
+.PHONY: run segment test test-all setup clean-venv server deploy worker trigger
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(PY) flows/full_pipeline.py --data-dir $(DATA_DIR) $(ARGS)
+
+# Segment a new volume with the champion: make segment ARGS="stack.tif [--output out.ome.zarr] ..."
+# (python flows/segment.py --help lists the options).
+segment: $(VENV)/.installed
+	$(PY) flows/segment.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)

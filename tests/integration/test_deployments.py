@@ -251,6 +251,7 @@ def deployed(server, isbi_dir):
     cli(["work-pool", "create", POOL, "--type", "process"], server.env)
     out = cli(["--no-prompt", "deploy", "--all"], {**server.env, "UNET_DATA_DIR": str(isbi_dir)}, timeout=180)
     assert "full-pipeline/full-pipeline" in out and "full-pipeline/retrain-weekly" in out, out
+    assert "segment-volume/segment-volume" in out, out
     return server
 
 
@@ -368,6 +369,20 @@ def test_retrain_weekly_on_unchanged_data_is_all_cached_and_keeps_the_champion(f
     assert summary["champion"]["decision"] == "unchanged"
     champion = artifacts(deployed.api, "unet-champion", flow_run.id)
     assert len(champion) == 1 and "**unchanged**" in champion[0].data
+
+
+def test_segment_volume_deployment_segments_a_volume_with_the_champion(first_run, deployed, isbi_dir):
+    _, work, _ = first_run
+    out = deployed.tmp / "test-volume.ome.zarr"
+    flow_run, _ = run_deployment(deployed, "segment-volume/segment-volume",
+                                 {"input": isbi_dir / "test-volume.tif", "output": out, "work_dir": work})
+    done = json.loads((out / ".segment" / "complete.json").read_text())
+    champion = json.loads((work / "champion.json").read_text())
+    assert done["shape"] == [30, 512, 512] and done["model"] == f"champion of {work}"
+    assert done["model_key"] == json.loads((out / ".segment" / "plan.json").read_text())["model"]["key"]
+    assert champion["model"]["key"] in json.dumps(json.loads((out / ".segment" / "plan.json").read_text()))
+    report = artifacts(deployed.api, "unet-segmentation", flow_run.id)
+    assert len(report) == 1 and "30 sections of 512 x 512" in report[0].data
 
 
 def test_the_runs_are_in_the_chosen_database(first_run, deployed):
