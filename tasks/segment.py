@@ -27,7 +27,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.stage import file_digest
+from tasks.stage import _locked, file_digest
 
 STATE = ".segment"
 THRESHOLD = 0.5        # the pipeline's mask threshold (tasks/predict.py, unet.infer.predict_files)
@@ -168,21 +168,35 @@ def _check_output(out: Path, plan: dict, overwrite: bool) -> dict | None:
     return None
 
 
+def _create(out: Path, plan: dict, model: dict) -> None:
+    """A new output: the store, the per-tile label scratch, then plan.json (from then on it is ours)."""
+    import zarr
+
+    from unet.volume_io import create_output
+
+    out.mkdir(parents=True, exist_ok=True)
+    attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "settings", "threshold",
+                                       "fill_distance")}
+    attributes.update(model_source=model["source"], checkpoint=model["checkpoint"], recipe=model["recipe"],
+                      software="unet-isbi flows/segment.py")
+    create_output(Path(plan["store"]), tuple(plan["shape"]), tuple(plan["chunks"]), attributes)
+    zarr.open_array(str(state_dir(plan) / "local.zarr"), mode="w", shape=tuple(plan["shape"]),
+                    chunks=tuple(plan["chunks"]), dtype="uint32", fill_value=0)  # per-tile labels
+    _write_json(state_dir(plan) / "plan.json", plan)  # last: the output is ours from here on
+
+
 @task(name="plan_segmentation", cache_policy=NO_CACHE)
 def plan_segmentation(input: str, output: str, format: str, model: dict, tta: str, tta_scales: list[float],
                       block: int, halo: int | None, overwrite: bool) -> dict:
     """Open and scan the input, decide the blocks, create (or check) the output; returns the plan."""
-    import zarr
-
-    from unet.blocks import chunk_shape
-    from unet.volume_io import content_digest, create_output, open_volume, scan
+    from unet.blocks import Settings, chunk_shape
+    from unet.recipes import Recipe
+    from unet.volume_io import content_digest, open_volume, scan
 
     logger = get_run_logger()
     t0 = time.perf_counter()
     volume = scan(open_volume(input))
     digest = content_digest(volume)
-    from unet.blocks import Settings
-    from unet.recipes import Recipe
 
     settings = Settings(Recipe.from_dict(model["recipe"]), tta=tta, scales=tuple(tta_scales),
                         shift=tuple(model["shift"]), block=block, halo=halo)
@@ -193,17 +207,11 @@ def plan_segmentation(input: str, output: str, format: str, model: dict, tta: st
             "threshold": THRESHOLD, "fill_distance": FILL_DISTANCE, "format": format, "output": str(out),
             "store": str(out if format == "zarr" else out / STATE / "work.zarr"),
             "chunks": list(chunk_shape(settings, volume.shape[1:]))}
-    existing = _check_output(out, plan, overwrite)
-    if existing is None:
-        out.mkdir(parents=True, exist_ok=True)
-        attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "settings", "threshold",
-                                           "fill_distance")}
-        attributes.update(model_source=model["source"], checkpoint=model["checkpoint"], recipe=model["recipe"],
-                          software="unet-isbi flows/segment.py")
-        create_output(Path(plan["store"]), tuple(plan["shape"]), tuple(plan["chunks"]), attributes)
-        zarr.open_array(str(state_dir(plan) / "local.zarr"), mode="w", shape=tuple(plan["shape"]),
-                        chunks=tuple(plan["chunks"]), dtype="uint32", fill_value=0)  # per-tile labels
-        _write_json(state_dir(plan) / "plan.json", plan)  # last: the output is ours from here on
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent / f".{out.name}.lock"):  # two runs into one new output: one creates it
+        existing = _check_output(out, plan, overwrite)
+        if existing is None:
+            _create(out, plan, model)
     plan["blocks"] = len(blocks_of(plan))
     plan["complete"] = (state_dir(plan) / "complete.json").is_file()
     logger.info("input %s: %s %s, %d sections of %dx%d (%s); digest %s... in %.1f s", input, volume.kind,
