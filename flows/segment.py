@@ -89,7 +89,8 @@ def _run_all(runner, task, plan: dict, groups: list[list[int]], what: str, per_s
 
 @flow(name="segment-volume")
 def segment_volume(input: str, output: str | None = None, format: str = "zarr", work_dir: str = "artifacts",
-                   model: str = "champion", tta: str | None = None, tta_scales: list[float] | None = None,
+                   model: str = "champion", backend: str = "onnxruntime", tta: str | None = None,
+                   tta_scales: list[float] | None = None,
                    block: int = DEFAULT_BLOCK, halo: int | None = None, workers: int = 1,
                    dask_address: str | None = None, blocks_per_task: int | None = None,
                    overwrite: bool = False) -> dict:
@@ -105,9 +106,12 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     tta = tta or ("d4" if m["recipe"]["tta"] else "none")
     scales = [float(s) for s in (tta_scales or m["tta_scales"])]
     output = output or default_output(input, work_dir, format)
-    plan = plan_segmentation(input, output, format, m, tta, scales, block, halo, overwrite)
-    logger.info("model %s (%s, key %s): TTA %s, scales %s, shift %s; %d blocks of %s, halo %d", m["source"],
-                m["recipe"]["name"], m["key"], tta, scales, m["shift"], plan["blocks"], plan["settings"]["block"]
+    # ONNX Runtime threads per process: every core for one process, a share of them per local worker
+    threads = 0 if workers == 1 or dask_address else max(1, (os.cpu_count() or 1) // workers)
+    plan = plan_segmentation(input, output, format, m, backend, threads, tta, scales, block, halo, overwrite)
+    logger.info("model %s (%s, key %s) on %s: TTA %s, scales %s, shift %s; %d blocks of %s, halo %d",
+                m["source"], m["recipe"]["name"], m["key"], backend, tta, scales, m["shift"], plan["blocks"],
+                plan["settings"]["block"]
                 if m["recipe"]["input_mode"] == "crop" else "a section", plan["settings"]["halo"])
     if plan["complete"]:
         summary = completed_summary(plan)

@@ -32,7 +32,7 @@ from tasks.stage import _locked, file_digest
 STATE = ".segment"
 THRESHOLD = 0.5        # the pipeline's mask threshold (tasks/predict.py, unet.infer.predict_files)
 FILL_DISTANCE = 32     # cells grow over at most this many membrane pixels (unet.blocks.fill_tile)
-IDENTITY = ("input_digest", "model_key", "settings", "threshold", "fill_distance", "format")
+IDENTITY = ("input_digest", "model_key", "backend", "settings", "threshold", "fill_distance", "format")
 
 
 class OutputMismatch(ValueError):
@@ -98,12 +98,12 @@ def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=2)
-def _predictor(checkpoint: str, recipe_json: str):
+def _predictor(checkpoint: str, recipe_json: str, backend: str, threads: int):
     """The model, loaded once per process (each Dask worker process loads it once)."""
     from unet.backends import load_predictor
     from unet.recipes import Recipe
 
-    return load_predictor(checkpoint, Recipe.from_dict(json.loads(recipe_json)))
+    return load_predictor(checkpoint, Recipe.from_dict(json.loads(recipe_json)), backend, threads)
 
 
 # ---- the plan ------------------------------------------------------------------------------------
@@ -175,8 +175,8 @@ def _create(out: Path, plan: dict, model: dict) -> None:
     from unet.volume_io import create_output
 
     out.mkdir(parents=True, exist_ok=True)
-    attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "settings", "threshold",
-                                       "fill_distance")}
+    attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "backend", "settings",
+                                       "threshold", "fill_distance")}
     attributes.update(model_source=model["source"], checkpoint=model["checkpoint"], recipe=model["recipe"],
                       software="unet-isbi flows/segment.py")
     create_output(Path(plan["store"]), tuple(plan["shape"]), tuple(plan["chunks"]), attributes)
@@ -186,8 +186,8 @@ def _create(out: Path, plan: dict, model: dict) -> None:
 
 
 @task(name="plan_segmentation", cache_policy=NO_CACHE)
-def plan_segmentation(input: str, output: str, format: str, model: dict, tta: str, tta_scales: list[float],
-                      block: int, halo: int | None, overwrite: bool) -> dict:
+def plan_segmentation(input: str, output: str, format: str, model: dict, backend: str, threads: int, tta: str,
+                      tta_scales: list[float], block: int, halo: int | None, overwrite: bool) -> dict:
     """Open and scan the input, decide the blocks, create (or check) the output; returns the plan."""
     from unet.blocks import Settings, chunk_shape
     from unet.recipes import Recipe
@@ -203,7 +203,8 @@ def plan_segmentation(input: str, output: str, format: str, model: dict, tta: st
     out = Path(output).expanduser().resolve()
     plan = {"input": str(Path(input).resolve()), "input_kind": volume.kind, "input_dtype": str(volume.dtype),
             **volume.settings(), "shape": list(volume.shape), "input_digest": digest,
-            "model_key": model["key"], "model": model, "settings": settings.to_dict(),
+            "model_key": model["key"], "model": model, "backend": backend, "threads": threads,
+            "settings": settings.to_dict(),
             "threshold": THRESHOLD, "fill_distance": FILL_DISTANCE, "format": format, "output": str(out),
             "store": str(out if format == "zarr" else out / STATE / "work.zarr"),
             "chunks": list(chunk_shape(settings, volume.shape[1:]))}
@@ -242,7 +243,8 @@ def predict_blocks(plan: dict, indices: list[int]) -> dict:
     blocks = blocks_of(plan)
     settings = _settings(plan)
     volume = open_volume(plan["input"], plan["conversion"], plan["colour"])
-    predictor = _predictor(plan["model"]["checkpoint"], json.dumps(plan["model"]["recipe"], sort_keys=True))
+    predictor = _predictor(plan["model"]["checkpoint"], json.dumps(plan["model"]["recipe"], sort_keys=True),
+                           plan["backend"], plan["threads"])
     arrays = output_arrays(Path(plan["store"]))
     marks = state_dir(plan) / "blocks"
     marks.mkdir(parents=True, exist_ok=True)
@@ -340,7 +342,8 @@ def finish_segmentation(plan: dict, seconds: float) -> dict:
                "sections_per_s": round(z_count / seconds, 3) if seconds > 0 else None,
                "cells": {"total": int(sum(counts)), "per_section_mean": round(float(np.mean(counts)), 1),
                          "per_section_min": int(min(counts)), "per_section_max": int(max(counts))},
-               "model": plan["model"]["source"], "model_key": plan["model_key"], "settings": plan["settings"],
+               "model": plan["model"]["source"], "model_key": plan["model_key"], "backend": plan["backend"],
+               "settings": plan["settings"],
                "threshold": plan["threshold"], "files": files,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_json(state / "complete.json", summary)
@@ -364,7 +367,8 @@ def summary_markdown(summary: dict, state: str) -> str:
             ("cells", f"{cells['total']} (per section {cells['per_section_min']}..{cells['per_section_max']}, "
                       f"mean {cells['per_section_mean']})"),
             ("model", f"{summary['model']} (key {summary['model_key']})"),
-            ("inference", f"TTA {s['tta']}, scales {s['scales']}, shift {s['shift']}, threshold {summary['threshold']}"),
+            ("inference", f"{summary.get('backend', 'mindspore')}, TTA {s['tta']}, scales {s['scales']}, "
+                          f"shift {s['shift']}, threshold {summary['threshold']}"),
             ("state", state)]
     return "\n".join([f"# Segmentation of `{Path(summary['input']).name}`", "", "| | |", "|---|---|",
                       *[f"| {k} | {v} |" for k, v in rows], "",

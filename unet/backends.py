@@ -85,6 +85,32 @@ class MindSporePredictor:
         return out.asnumpy()[:, 0]
 
 
+class OnnxPredictor:
+    """An ONNX model of the UNet (:func:`unet.export.unet_onnx`) on ONNX Runtime's CPU provider as a
+    :class:`Predictor`. Inputs are mirrored out to multiples of 16 and the output cropped back, as
+    the MindSpore network does inside. ``threads``: intra-op threads (0: ONNX Runtime's default,
+    one per core)."""
+
+    def __init__(self, model, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = model if isinstance(model, (str, Path)) else model.SerializeToString()
+        self.session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                                            providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        h, w = batch.shape[-2:]
+        pad_h, pad_w = -h % 16, -w % 16
+        if pad_h or pad_w:
+            batch = np.pad(batch, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
+        prob = self.session.run(["prob"], {"x": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return prob[:, 0, :h, :w]
+
+
 def as_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     """A :class:`Predictor` for ``model``: a MindSpore cell is wrapped, a predictor returned as is."""
     import mindspore.nn as nn
@@ -115,6 +141,18 @@ def load_model(checkpoint: Path | str, recipe: Recipe):
     return net
 
 
-def load_predictor(checkpoint: Path | str, recipe: Recipe) -> MindSporePredictor:
-    """:func:`load_model` as a :class:`Predictor`."""
-    return MindSporePredictor(load_model(checkpoint, recipe))
+BACKENDS = ("onnxruntime", "mindspore")
+
+
+def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "mindspore", threads: int = 0):
+    """The model of ``checkpoint`` as a :class:`Predictor` on ``backend``: MindSpore (:func:`load_model`)
+    or ONNX Runtime (the graph :func:`unet.export.unet_onnx` writes from the checkpoint's weights,
+    ``threads`` intra-op threads, 0 for one per core). The two agree to about 1e-6."""
+    if backend == "mindspore":
+        return MindSporePredictor(load_model(checkpoint, recipe))
+    if backend == "onnxruntime":
+        from unet.export import checkpoint_weights, unet_onnx
+
+        load_model(checkpoint, recipe)  # the same checks: the file exists and matches the recipe
+        return OnnxPredictor(unet_onnx(checkpoint_weights(checkpoint), recipe), threads)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

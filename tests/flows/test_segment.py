@@ -74,7 +74,8 @@ def frames_folder(folder: Path, stack: np.ndarray) -> Path:
 def test_segmenting_the_test_volume_equals_the_pipelines_test_prediction(segment, smoke_work, isbi_dir, tmp_path):
     work, pipeline = smoke_work
     out = tmp_path / "test.ome.zarr"
-    summary = segment(isbi_dir / "test-volume.tif", out, work_dir=str(work))
+    # the pipeline predicts with MindSpore: so does this run, for the same masks pixel for pixel
+    summary = segment(isbi_dir / "test-volume.tif", out, work_dir=str(work), backend="mindspore")
     predict = Path(pipeline["stages"]["predict"]["output"]) / "test"
     expected = tifffile.imread(predict / "probabilities.tif")
     got = arrays(out)
@@ -100,6 +101,22 @@ def test_segmenting_the_test_volume_equals_the_pipelines_test_prediction(segment
     assert attrs["model_key"] == summary["model_key"] and len(attrs["input_digest"]) == 64
     assert attrs["settings"]["tta"] == "none" and attrs["threshold"] == 0.5
     assert (out / "preview.png").stat().st_size > 10_000
+
+
+def test_the_onnxruntime_default_agrees_with_the_pipelines_mindspore_prediction(segment, smoke_work, isbi_dir,
+                                                                               tmp_path):
+    work, pipeline = smoke_work
+    out = tmp_path / "ort.ome.zarr"
+    summary = segment(isbi_dir / "test-volume.tif", out, work_dir=str(work))
+    assert summary["backend"] == "onnxruntime"
+    expected = tifffile.imread(Path(pipeline["stages"]["predict"]["output"]) / "test" / "probabilities.tif")
+    got = arrays(out)
+    diff = np.abs(got["prob"] - expected)
+    print(f"max |onnxruntime - mindspore| = {diff.max():.2e}")
+    assert diff.max() <= 1e-5
+    # a mask pixel may only differ where the two probabilities straddle the threshold
+    flipped = got["mask"] != np.where(expected >= 0.5, 255, 0)
+    assert np.all(np.abs(expected[flipped] - 0.5) <= diff.max())
 
 
 def test_a_rerun_is_a_no_op_and_other_settings_are_refused_unless_overwrite(segment, smoke_work, isbi_dir, tmp_path):

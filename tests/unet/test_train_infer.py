@@ -166,3 +166,30 @@ def test_test_time_scales_average_the_resized_predictions(trained, frames):
     np.testing.assert_allclose(resized, by_hand, atol=1e-5)
     with pytest.raises(ValueError, match="test-time scales must be between 0.25 and 4"):
         predict_frame(net, frame, crop_recipe, scales=(0.1,))
+
+
+def test_the_onnx_graph_equals_the_mindspore_network_on_real_frames(trained, frames, tmp_path):
+    """unet/export.py writes the graph from the weights (MindSpore cannot export its bilinear resize):
+    ONNX Runtime must give MindSpore's probabilities, for the trained smoke network and for an
+    untrained fullres-sized one (base 32), on real frames, with and without TTA."""
+    import mindspore as ms
+
+    from unet.backends import load_predictor, predict_views
+    from unet.data import to_network_input
+    from unet.model import UNet
+
+    recipe, result, _, _ = trained
+    ms.set_seed(1)
+    fullres = PRESETS["fullres"]
+    ms.save_checkpoint(UNet(fullres.in_channels, fullres.base_channels), str(tmp_path / "fullres.ckpt"))
+    frame = cv2.imread(str(frames["val"][0][0]), cv2.IMREAD_GRAYSCALE)
+    for checkpoint, config, image in ((result.best_checkpoint, recipe, cv2.resize(frame, (64, 64))),
+                                      (tmp_path / "fullres.ckpt", fullres, frame[:256, :320])):
+        x = to_network_input(image, config.in_channels)
+        for tta in ("none", "d4"):
+            a = predict_views(load_predictor(checkpoint, config, "mindspore"), x, tta)
+            b = predict_views(load_predictor(checkpoint, config, "onnxruntime"), x, tta)
+            print(f"{config.name} {tta}: max |onnxruntime - mindspore| = {np.abs(a - b).max():.2e}")
+            np.testing.assert_allclose(b, a, atol=1e-4)
+            # not a constant map (the untrained network's spread is ~5e-4): the comparison means something
+            assert a.std() > 1e-4 and np.abs(a - b).max() < 0.01 * a.std()

@@ -1,0 +1,89 @@
+"""The trained UNet as an ONNX graph, written from its weights with the ``onnx`` package.
+
+``mindspore.export(..., file_format="ONNX")`` cannot export this network: MindSpore 2.10 has no ONNX
+converter for its bilinear resize ("the ResizeBilinearV2 operator in your model is not support for
+exporting onnx"). The graph here is :class:`unet.model.UNet` node for node: each 3x3 convolution
+with its BatchNorm folded in (inference statistics: w * gamma / sqrt(var + eps), beta - mean * gamma /
+sqrt(var + eps)), ReLU, 2x2 max-pooling, 2x bilinear upsampling (half-pixel centres, as
+``ops.interpolate(..., align_corners=False)``), concatenation with the skip, the 1x1 head and the
+sigmoid: [N, C, H, W] -> cell probability [N, 1, H, W], H and W multiples of 16 (the predictor
+mirrors its input out to them, as the MindSpore network does inside).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from unet.recipes import Recipe
+
+OPSET = 17
+BN_EPS = 1e-5  # mindspore.nn.BatchNorm2d's default, which unet.model uses
+
+
+def checkpoint_weights(checkpoint: Path | str) -> dict[str, np.ndarray]:
+    """The parameters of a MindSpore checkpoint as float32 arrays (name -> array)."""
+    import mindspore as ms
+
+    return {name: p.asnumpy().astype(np.float32) for name, p in ms.load_checkpoint(str(checkpoint)).items()}
+
+
+def unet_onnx(weights: Mapping[str, np.ndarray], recipe: Recipe):
+    """The ONNX model of the UNet of ``recipe`` with ``weights`` (:func:`checkpoint_weights`)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def double_conv(x: str, prefix: str) -> str:
+        for conv, bn in ((0, 1), (3, 4)):
+            w = weights[f"{prefix}.block.{conv}.weight"]
+            gamma, beta = weights[f"{prefix}.block.{bn}.gamma"], weights[f"{prefix}.block.{bn}.beta"]
+            mean, var = weights[f"{prefix}.block.{bn}.moving_mean"], weights[f"{prefix}.block.{bn}.moving_variance"]
+            scale = gamma / np.sqrt(var + BN_EPS)
+            name = f"{prefix}.{conv}"
+            nodes.append(helper.make_node(
+                "Conv", [x, const(f"{name}.w", (w * scale[:, None, None, None]).astype(np.float32)),
+                         const(f"{name}.b", (beta - mean * scale).astype(np.float32))], [f"{name}.conv"],
+                kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+            nodes.append(helper.make_node("Relu", [f"{name}.conv"], [f"{name}.relu"]))
+            x = f"{name}.relu"
+        return x
+
+    def pool(x: str, name: str) -> str:
+        nodes.append(helper.make_node("MaxPool", [x], [name], kernel_shape=[2, 2], strides=[2, 2]))
+        return name
+
+    def up(x: str, skip: str, prefix: str) -> str:
+        nodes.append(helper.make_node("Resize", [x, "", const(f"{prefix}.scales", np.float32([1, 1, 2, 2]))],
+                                      [f"{prefix}.up"], mode="linear",
+                                      coordinate_transformation_mode="half_pixel"))
+        nodes.append(helper.make_node("Concat", [skip, f"{prefix}.up"], [f"{prefix}.cat"], axis=1))
+        return double_conv(f"{prefix}.cat", f"{prefix}.conv")
+
+    e1 = double_conv("x", "enc1")
+    e2 = double_conv(pool(e1, "p1"), "enc2")
+    e3 = double_conv(pool(e2, "p2"), "enc3")
+    e4 = double_conv(pool(e3, "p3"), "enc4")
+    y = double_conv(pool(e4, "p4"), "bottom")
+    y = up(y, e4, "up1")
+    y = up(y, e3, "up2")
+    y = up(y, e2, "up3")
+    y = up(y, e1, "up4")
+    nodes.append(helper.make_node("Conv", [y, const("head.w", weights["head.weight"]),
+                                           const("head.b", weights["head.bias"])], ["logit"], kernel_shape=[1, 1]))
+    nodes.append(helper.make_node("Sigmoid", ["logit"], ["prob"]))
+    graph = helper.make_graph(
+        nodes, f"unet-{recipe.name}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", recipe.in_channels, "H", "W"])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, "H", "W"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="unet-isbi", doc_string=f"UNet {recipe.name}: cell probability")
+    model.ir_version = 8  # readable by every ONNX Runtime of the last years
+    onnx.checker.check_model(model)
+    return model
