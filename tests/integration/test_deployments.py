@@ -6,6 +6,7 @@ and check the weekly schedule. Every process started here is stopped in a teardo
 group, also when a test fails; a PostgreSQL cluster started here is stopped again."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -371,16 +372,36 @@ def test_retrain_weekly_on_unchanged_data_is_all_cached_and_keeps_the_champion(f
     assert len(champion) == 1 and "**unchanged**" in champion[0].data
 
 
-def test_segment_volume_deployment_segments_a_volume_with_the_champion(first_run, deployed, isbi_dir):
-    _, work, _ = first_run
+def test_segment_volume_deployment_runs_on_a_dask_cluster(first_run, deployed, isbi_dir):
+    """The segment-volume deployment, triggered through the API and run by a process worker, whose
+    flow sends its blocks to an external Dask cluster (a scheduler and two workers started as
+    separate processes, as on other hosts) that reports to the same server."""
+    import numpy as np
+    import tifffile
+    import zarr
+
+    flow_run_1, work, _ = first_run
     out = deployed.tmp / "test-volume.ome.zarr"
-    flow_run, _ = run_deployment(deployed, "segment-volume/segment-volume",
-                                 {"input": isbi_dir / "test-volume.tif", "output": out, "work_dir": work})
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(started([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                                    deployed.env, deployed.tmp / "dask-scheduler.log"))
+        for i in range(2):
+            stack.enter_context(started([dask, "worker", address, "--nthreads", "1", "--no-dashboard"],
+                                        deployed.env, deployed.tmp / f"dask-worker{i}.log"))
+        flow_run, _ = run_deployment(deployed, "segment-volume/segment-volume",
+                                     {"input": isbi_dir / "test-volume.tif", "output": out, "work_dir": work,
+                                      "dask_address": address, "blocks_per_task": 3})
     done = json.loads((out / ".segment" / "complete.json").read_text())
-    champion = json.loads((work / "champion.json").read_text())
     assert done["shape"] == [30, 512, 512] and done["model"] == f"champion of {work}"
-    assert done["model_key"] == json.loads((out / ".segment" / "plan.json").read_text())["model"]["key"]
-    assert champion["model"]["key"] in json.dumps(json.loads((out / ".segment" / "plan.json").read_text()))
+    pids = {json.loads(p.read_text())["pid"] for p in (out / ".segment" / "blocks").iterdir()
+            if not p.name.startswith(".")}
+    assert len(pids) == 2  # both Dask workers computed blocks
+    predicted = summary_of(work, flow_run_1)["stages"]["predict"]["output"]
+    expected = tifffile.imread(Path(predicted) / "test" / "probabilities.tif")
+    assert np.abs(zarr.open_group(str(out), mode="r")["0"][:] - expected).max() <= 1e-5
     report = artifacts(deployed.api, "unet-segmentation", flow_run.id)
     assert len(report) == 1 and "30 sections of 512 x 512" in report[0].data
 
