@@ -8,8 +8,7 @@ from prefect import get_run_logger, task
 
 from tasks.stage import StagePolicy, run_stage
 
-POLICY = StagePolicy(stage="datasets", code=("tasks/datasets.py", "tasks/stage.py", "unet/dataset_check.py",
-                                             "unet/data.py"))
+POLICY = StagePolicy(stage="datasets", module="tasks/datasets.py")
 
 
 @task(name="build_datasets", cache_policy=POLICY)

@@ -19,10 +19,7 @@ from prefect import get_run_logger, task
 from tasks.stage import StagePolicy, run_stage
 from tasks.train import dataset_pairs
 
-POLICY = StagePolicy(stage="evaluate", code=("tasks/evaluate.py", "tasks/stage.py", "unet/evaluate.py",
-                                             "unet/infer.py", "unet/metrics.py", "unet/model.py",
-                                             "unet/data.py", "unet/viz.py", "unet/train.py", "unet/distributed.py",
-                                             "unet/segment.py", "unet/align.py"))
+POLICY = StagePolicy(stage="evaluate", module="tasks/evaluate.py")
 
 
 @task(name="evaluate", cache_policy=POLICY)

@@ -5,8 +5,7 @@ from prefect import get_run_logger, task
 
 from tasks.stage import StagePolicy, run_stage
 
-POLICY = StagePolicy(stage="extract", code=("tasks/extract.py", "tasks/stage.py", "unet/frames.py"),
-                     files=("train_volume", "train_labels", "test_volume"))
+POLICY = StagePolicy(stage="extract", module="tasks/extract.py", files=("train_volume", "train_labels", "test_volume"))
 
 
 @task(name="extract_frames", cache_policy=POLICY)

@@ -10,9 +10,7 @@ from prefect import get_run_logger, task
 
 from tasks.stage import StagePolicy, run_stage
 
-POLICY = StagePolicy(stage="predict", code=("tasks/predict.py", "tasks/stage.py", "unet/infer.py",
-                                            "unet/model.py", "unet/data.py", "unet/viz.py", "unet/segment.py",
-                                            "unet/metrics.py", "unet/align.py"))
+POLICY = StagePolicy(stage="predict", module="tasks/predict.py")
 
 
 @task(name="predict_test", cache_policy=POLICY)

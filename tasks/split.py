@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from tasks.stage import StagePolicy, run_stage
 
-POLICY = StagePolicy(stage="split", code=("tasks/split.py", "tasks/stage.py", "unet/split.py"))
+POLICY = StagePolicy(stage="split", module="tasks/split.py")
 
 
 @task(name="split_dataset", cache_policy=POLICY)

@@ -3,12 +3,16 @@ folder renamed into place, a manifest per folder, and a per-stage lock.
 
 A stage's **key** hashes (1) the content of its input files, (2) the keys of the upstream stages
 it reads (each upstream folder is itself named by its key, so this chains content all the way
-from the TIFFs), (3) its parameters, and (4) the source of the code it runs: its task module and
-the ``unet/`` modules it uses. The output folder is ``<work_dir>/<stage>/<key>``; Prefect's cache
-key is the same key plus the work directory, so two work directories never share results.
+from the TIFFs), (3) its parameters, and (4) the code it runs: the source of its task module and
+of every project module that module imports, directly or not (:func:`code_closure`, read from the
+import statements, never listed by hand), and the versions of the libraries that change results
+(:data:`RESULT_PACKAGES`). A comment-only edit changes the key too: the source is hashed as it is.
+The output folder is ``<work_dir>/<stage>/<key>``; Prefect's cache key is the same key plus the
+work directory, so two work directories never share results.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -42,12 +46,54 @@ def file_digest(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """sha256 over the source of ``modules`` (paths relative to the repository)."""
+PROJECT_PACKAGES = ("unet", "tasks", "flows")
+# the libraries whose versions change what a stage computes (prefect only runs it)
+RESULT_PACKAGES = ("mindspore", "albumentations", "opencv-python-headless", "numpy", "scikit-image")
+
+
+def _imported_modules(path: Path, root: Path) -> set[str]:
+    """The project modules (paths relative to ``root``) that the module at ``path`` imports, at
+    module level or inside functions: for ``a.b.c``, the files of ``a``, ``a.b`` and ``a.b.c``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from unet import blocks`` imports the submodule unet/blocks.py
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] not in PROJECT_PACKAGES:
+                continue
+            for i in range(1, len(parts) + 1):
+                for candidate in (Path(*parts[:i]) / "__init__.py", Path(*parts[:i]).with_suffix(".py")):
+                    if (root / candidate).is_file():
+                        found.add(candidate.as_posix())
+    return found
+
+
+def code_closure(modules: tuple[str, ...], root: Path = REPO) -> tuple[str, ...]:
+    """``modules`` (paths relative to ``root``) and every project module they import, transitively."""
+    todo, seen = list(modules), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imported_modules(root / module, root) - seen)
+    return tuple(sorted(seen))
+
+
+def code_version(modules: tuple[str, ...], root: Path = REPO) -> str:
+    """sha256 over the source of ``modules`` (paths relative to ``root``) and the versions of
+    :data:`RESULT_PACKAGES`."""
     h = hashlib.sha256()
     for rel in sorted(modules):
         h.update(rel.encode())
-        h.update((REPO / rel).read_bytes())
+        h.update((root / rel).read_bytes())
+    for package in RESULT_PACKAGES:
+        h.update(f"{package}=={version(package)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -61,14 +107,20 @@ def _fingerprint(name: str, value: Any, files: tuple[str, ...]) -> Any:
 
 @dataclass
 class StagePolicy(CachePolicy):
-    """Prefect cache policy of one stage: see the module docstring."""
+    """Prefect cache policy of one stage: see the module docstring. ``module``: the task module
+    (relative to the repository); ``launched``: modules it starts as programs rather than imports
+    (``python -m unet.msrun_worker``); ``code`` becomes their import closure (or that of the given
+    ``code`` modules, without a ``module``)."""
 
     stage: str = ""
-    code: tuple[str, ...] = ()
+    module: str = ""
+    launched: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # inputs that are paths of files to hash by content
+    code: tuple[str, ...] = ()
     code_digest: str = ""  # computed once, when the task module is imported: the code this process runs
 
     def __post_init__(self) -> None:
+        self.code = code_closure((self.module, *self.launched) if self.module else self.code)
         self.code_digest = code_version(self.code)
 
     def content_key(self, inputs: dict[str, Any]) -> str:

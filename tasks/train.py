@@ -18,9 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.stage import StagePolicy, run_stage
 
-POLICY = StagePolicy(stage="train", code=("tasks/train.py", "tasks/stage.py", "unet/train.py", "unet/model.py",
-                                          "unet/data.py", "unet/metrics.py", "unet/recipes.py",
-                                          "unet/distributed.py", "unet/msrun_worker.py", "unet/align.py"))
+POLICY = StagePolicy(stage="train", module="tasks/train.py", launched=("unet/msrun_worker.py",))
 
 
 def cluster_from_env(workers: int):
