@@ -1,6 +1,6 @@
 """The main job: ISBI 2012 TIFF stacks -> trained, evaluated UNet and test-set prediction.
 
-    extract_frames -> split_dataset -> build_datasets -> train_unet -> evaluate -> predict_test
+    extract_frames -> split_dataset -> build_datasets -> train_unet -> evaluate -> (champion, export) -> predict_test
 
 Every stage is cached by the content of its inputs, its parameters and its code: a rerun with
 nothing changed reports every stage Cached and takes seconds. Run ``python flows/full_pipeline.py
@@ -22,6 +22,7 @@ from prefect import flow, runtime  # noqa: E402
 
 from tasks.datasets import build_datasets  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
+from tasks.export import export_champion  # noqa: E402
 from tasks.extract import extract_frames  # noqa: E402
 from tasks.predict import predict_test  # noqa: E402
 from tasks.promote import promote_champion, read_champion  # noqa: E402
@@ -121,6 +122,7 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
     run_name = runtime.flow_run.name or "local"
     decision = promote_champion(work, model, recipe, stages["evaluate"][2], champion, champion_evaluation, run_name)
     kept = decision["champion"]
+    champion_export = export_champion(work)  # ONNX + MindIR + model.json of the champion, for serving
     kept_evaluation = stages["evaluate"][2] if kept["model"]["key"] == model["key"] else champion_evaluation
     stages["predict"] = call_stage(predict_test, refresh=refresh, datasets=datasets, model=kept["model"],
                                    recipe=kept["recipe"], work_dir=work,
@@ -130,6 +132,7 @@ def full_pipeline(data_dir: str = "datasets/ISBI", work_dir: str = "artifacts", 
                   "split": split, "split_seed": split_seed, "workers": workers, "align": align, "tta_scales": scales,
                   "recipe": recipe}
     summary = build_summary(run_name, parameters, stages, decision)
+    summary["outputs"]["champion_export"] = champion_export
     write_summary(work, summary)
     publish_artifacts(summary)
     return summary

@@ -103,6 +103,8 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     logger = get_run_logger()
     m = resolve_model(model, work_dir)
+    if m.get("onnx") and backend != "onnxruntime":
+        raise ValueError(f"{model}: an exported model runs on onnxruntime, not {backend}")
     tta = tta or ("d4" if m["recipe"]["tta"] else "none")
     scales = [float(s) for s in (tta_scales or m["tta_scales"])]
     output = output or default_output(input, work_dir, format)

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "masks.tif, cells.tif in a folder")
     p.add_argument("--work-dir", default="artifacts", help="the pipeline's work directory (where the champion is)")
     p.add_argument("--model", default="champion",
-                   help="'champion' (the work directory's), or a train stage folder (<work-dir>/train/<key>) or "
-                        "a checkpoint in one")
+                   help="'champion' (the work directory's), a train stage folder (<work-dir>/train/<key>) or a "
+                        "checkpoint in one, or an export folder of flows/export.py (ONNX Runtime only)")
     p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
                    help="onnxruntime: the model's weights as an ONNX graph (about 3.8x faster on this CPU, agrees "
                         "with MindSpore to about 1e-6); mindspore: the training framework")
@@ -85,19 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> dict:
     """Before the server starts: the input opens, the model resolves, the output can be written."""
     from tasks.segment import resolve_model
     from unet.volume_io import open_volume
 
     open_volume(args.input)
-    resolve_model(args.model, args.work_dir)
+    model = resolve_model(args.model, args.work_dir)
     out = Path(args.output or default_output(args.input, args.work_dir, args.format)).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: output exists and is a file; expected a folder (or a new path)")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{parent}: not writable (output {out})")
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     with _signals_exit():
         try:
-            check(args)
-            import mindspore  # noqa: F401  (before SIGTERM becomes an exception: flows/cli.py main)
+            model = check(args)
+            if not model.get("onnx"):  # an exported model needs ONNX Runtime only
+                import mindspore  # noqa: F401  (before SIGTERM becomes an exception: flows/cli.py main)
         except Exception as exc:
             if args.debug:
                 raise

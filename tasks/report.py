@@ -188,4 +188,7 @@ def format_console(summary: dict) -> str:
               f"test probability  {out['test_probabilities']}", f"val examples      {out['val_examples']}"]
     if out.get("test_examples"):
         lines.append(f"test examples     {out['test_examples']}")
+    if out.get("champion_export"):
+        lines.append(f"champion export   {out['champion_export']} (ONNX, MindIR, model.json)")
+    lines.append("segment new data  make segment ARGS=\"path/to/stack.tif\" (python flows/segment.py --help)")
     return "\n".join(lines)

@@ -55,8 +55,9 @@ def _evaluation_of(work_dir: Path, train_key: str) -> dict | None:
 
 
 def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
-    """``champion`` (the champion of ``work_dir``), a train stage folder, or a checkpoint inside one
-    -> {"checkpoint", "key", "train_key", "recipe", "shift", "tta_scales", "source"}. The alignment
+    """``champion`` (the champion of ``work_dir``), a train stage folder, a checkpoint inside one, or
+    an export folder (flows/export.py) -> {"checkpoint", "key", "train_key", "recipe", "shift",
+    "tta_scales", "source", "val"} (and "onnx" for an export). The alignment
     shift and test-time scales are those of the model's evaluation in ``work_dir`` (none if it has
     none). FileNotFoundError / ValueError with one line saying what to do."""
     work = Path(work_dir).expanduser().resolve()
@@ -73,7 +74,10 @@ def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
     else:
         path = Path(model).expanduser().resolve()
         if not path.exists():
-            raise FileNotFoundError(f"{path}: model not found (expected 'champion', a train stage folder or a .ckpt in one)")
+            raise FileNotFoundError(f"{path}: model not found (expected 'champion', a train stage folder, a .ckpt "
+                                    "in one, or an export folder of flows/export.py)")
+        if (path / "model.json").is_file():
+            return _exported_model(path)
         folder = path if path.is_dir() else path.parent
         manifest = folder / "manifest.json"
         if not manifest.is_file():
@@ -89,20 +93,40 @@ def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found; train first (make run) or pass --model")
     evaluation = _evaluation_of(work, folder.name)
-    alignment = (evaluation or {}).get("result", {}).get("metrics", {}).get("alignment") or {}
+    metrics = (evaluation or {}).get("result", {}).get("metrics", {})
+    alignment = metrics.get("alignment") or {}
     applied = bool(evaluation and evaluation["inputs"].get("align", False))
+    val = metrics.get("val_native") or {}
     return {"checkpoint": str(checkpoint), "key": file_digest(checkpoint)[:16], "train_key": folder.name,
             "recipe": recipe, "source": source,
             "shift": [float(alignment.get("dy", 0.0)), float(alignment.get("dx", 0.0))] if applied else [0.0, 0.0],
-            "tta_scales": (evaluation or {}).get("inputs", {}).get("tta_scales") or [1.0]}
+            "tta_scales": (evaluation or {}).get("inputs", {}).get("tta_scales") or [1.0],
+            "val": {k: val[k] for k in ("iou", "membrane_dice", "v_rand") if k in val}}
+
+
+def _exported_model(folder: Path) -> dict[str, Any]:
+    """An export folder (flows/export.py: model.onnx + model.json) as resolve_model's dict: ONNX
+    Runtime only, no checkpoint and no MindSpore needed."""
+    from unet.export import SIDECAR
+
+    record = json.loads((folder / SIDECAR).read_text())
+    onnx_path = folder / record["files"]["onnx"]
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: the export's ONNX model is missing")
+    return {"checkpoint": None, "onnx": str(onnx_path), "key": file_digest(onnx_path)[:16],
+            "train_key": record.get("train_key"), "recipe": record["recipe"], "source": str(folder),
+            "shift": record["alignment_shift"], "tta_scales": record["tta_scales"], "val": record.get("val", {})}
 
 
 @functools.lru_cache(maxsize=2)
-def _predictor(checkpoint: str, recipe_json: str, backend: str, threads: int):
-    """The model, loaded once per process (each Dask worker process loads it once)."""
-    from unet.backends import load_predictor
+def _predictor(checkpoint: str | None, recipe_json: str, backend: str, threads: int, onnx: str | None = None):
+    """The model, loaded once per process (each Dask worker process loads it once): an exported
+    ONNX model, or a checkpoint on ``backend``."""
+    from unet.backends import OnnxPredictor, load_predictor
     from unet.recipes import Recipe
 
+    if onnx is not None:
+        return OnnxPredictor(Path(onnx), threads)
     return load_predictor(checkpoint, Recipe.from_dict(json.loads(recipe_json)), backend, threads)
 
 
@@ -177,7 +201,8 @@ def _create(out: Path, plan: dict, model: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     attributes = {k: plan[k] for k in ("input", "input_digest", "model_key", "backend", "settings",
                                        "threshold", "fill_distance")}
-    attributes.update(model_source=model["source"], checkpoint=model["checkpoint"], recipe=model["recipe"],
+    attributes.update(model_source=model["source"], checkpoint=model["checkpoint"] or model.get("onnx"),
+                      recipe=model["recipe"],
                       software="unet-isbi flows/segment.py")
     create_output(Path(plan["store"]), tuple(plan["shape"]), tuple(plan["chunks"]), attributes)
     zarr.open_array(str(state_dir(plan) / "local.zarr"), mode="w", shape=tuple(plan["shape"]),
@@ -244,7 +269,7 @@ def predict_blocks(plan: dict, indices: list[int]) -> dict:
     settings = _settings(plan)
     volume = open_volume(plan["input"], plan["conversion"], plan["colour"])
     predictor = _predictor(plan["model"]["checkpoint"], json.dumps(plan["model"]["recipe"], sort_keys=True),
-                           plan["backend"], plan["threads"])
+                           plan["backend"], plan["threads"], plan["model"].get("onnx"))
     arrays = output_arrays(Path(plan["store"]))
     marks = state_dir(plan) / "blocks"
     marks.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,53 @@ def unet_onnx(weights: Mapping[str, np.ndarray], recipe: Recipe):
     model.ir_version = 8  # readable by every ONNX Runtime of the last years
     onnx.checker.check_model(model)
     return model
+
+
+SIDECAR = "model.json"
+
+
+def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, sidecar: dict) -> dict:
+    """``out_dir/model.onnx`` (:func:`unet_onnx`, dynamic batch and size), ``model.mindir``
+    (``mindspore.export``; MindSpore 2.10 exports this network only at a fixed input shape: the
+    recipe's training size for resize recipes, 512 x 512 for native-resolution ones) and, last,
+    ``model.json``: ``sidecar`` plus the files, their sha256 and the input rules. Every file goes
+    through a temporary name, so a reader never sees a half-written export. Returns the sidecar."""
+    import hashlib
+    import json
+    import os
+
+    import mindspore as ms
+
+    from unet.backends import load_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = load_model(checkpoint, recipe)  # checks that the checkpoint matches the recipe
+    onnx_model = unet_onnx(checkpoint_weights(checkpoint), recipe)
+    tmp = out / ".model.onnx.tmp"
+    tmp.write_bytes(onnx_model.SerializeToString())
+    os.replace(tmp, out / "model.onnx")
+    side = recipe.image_size if recipe.input_mode == "resize" else 512
+    shape = [1, recipe.in_channels, side, side]
+    ms.export(net, ms.Tensor(np.zeros(shape, np.float32)), file_name=str(out / ".model.tmp"), file_format="MINDIR")
+    os.replace(out / ".model.tmp.mindir", out / "model.mindir")
+    os.chmod(out / "model.mindir", 0o644)  # mindspore.export writes it read-only for its owner
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    record = {
+        **sidecar,
+        "recipe": recipe.to_dict(),
+        "input": {"channels": recipe.in_channels, "sections": recipe.sections, "multiple_of": 16,
+                  "normalization": "uint8 pixels / 255 as float32, the grey frame repeated per channel",
+                  "layout": "N, C, H, W", "output": "cell probability [N, 1, H, W] (sigmoid applied)",
+                  "resize_to": recipe.image_size if recipe.input_mode == "resize" else None},
+        "files": {"onnx": "model.onnx", "mindir": "model.mindir", "mindir_input_shape": shape},
+        "sha256": {"checkpoint": digest(Path(checkpoint)), "onnx": digest(out / "model.onnx"),
+                   "mindir": digest(out / "model.mindir")},
+    }
+    tmp = out / f".{SIDECAR}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / SIDECAR)
+    return record

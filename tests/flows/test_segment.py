@@ -276,3 +276,40 @@ def test_sigkill_mid_volume_then_the_same_command_finishes_bit_identical(segment
     assert logged in again.stdout + again.stderr
     for key, value in arrays(out).items():
         np.testing.assert_array_equal(value, arrays(reference)[key])
+
+
+def test_the_champion_export_segments_with_onnx_runtime_alone(segment, smoke_work, isbi_dir, tmp_path):
+    """The pipeline exports its champion (ONNX, MindIR, model.json); segmenting with that folder
+    needs no MindSpore (its import is blocked here) and equals the checkpoint on ONNX Runtime."""
+    work, pipeline = smoke_work
+    export = Path(pipeline["outputs"]["champion_export"])
+    record = json.loads((export / "model.json").read_text())
+    champion = json.loads((work / "champion.json").read_text())
+    assert record["train_key"] == champion["model"]["key"] and record["recipe"] == champion["recipe"]
+    assert record["threshold"] == 0.5 and record["training_data"].startswith("datasets:")
+    assert record["val"]["iou"] == pytest.approx(pipeline["metrics"]["val_native"]["iou"])
+    assert {p.name for p in export.iterdir()} == {"model.onnx", "model.mindir", "model.json"}
+    reference = tmp_path / "checkpoint.ome.zarr"
+    segment(isbi_dir / "test-volume.tif", reference, work_dir=str(work))
+    out = tmp_path / "export.ome.zarr"
+    code = ("import sys; sys.modules['mindspore'] = None; from flows.segment_cli import main; "
+            f"sys.exit(main([{str(isbi_dir / 'test-volume.tif')!r}, '--model', {str(export)!r}, "
+            f"'--output', {str(out)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(tmp_path / "home"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key, value in arrays(out).items():
+        np.testing.assert_array_equal(value, arrays(reference)[key])
+
+
+def test_export_cli_writes_a_folder_or_one_error_line(smoke_work, tmp_path):
+    work = str(smoke_work[0])
+    command = [sys.executable, str(REPO / "flows" / "export.py")]
+    done = subprocess.run([*command, "--work-dir", work, "--out", str(tmp_path / "exp")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "segment with it" in done.stdout, done.stderr[-2000:]
+    assert json.loads((tmp_path / "exp" / "model.json").read_text())["sha256"]["onnx"]
+    missing = subprocess.run([*command, "--work-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and errors(missing.stderr) == [missing.stderr.strip()]
+    assert "train one first" in missing.stderr and not (tmp_path / "x").exists()
