@@ -60,6 +60,14 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     return ThreadPoolTaskRunner(max_workers=1)
 
 
+def _cluster_workers(address: str) -> int:
+    """How many workers the Dask cluster at ``address`` has now (for batching the blocks)."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        return max(1, len(client.scheduler_info()["workers"]))
+
+
 def batches(items: list[int], workers: int, limit: int | None) -> list[list[int]]:
     """``items`` cut into consecutive batches: ``limit`` each, else about TASKS_PER_WORKER batches
     per worker of at most MAX_BLOCKS_PER_TASK."""
@@ -124,7 +132,7 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
         todo = blocks_to_do(plan)
         logger.info("%d of %d blocks done, %d to go", plan["blocks"] - len(todo), plan["blocks"], len(todo))
         per_section = plan["blocks"] // plan["shape"][0]
-        parallel = workers if not dask_address else max(workers, 2)
+        parallel = workers if not dask_address else _cluster_workers(dask_address)
         with task_runner(workers, dask_address) as runner:
             _run_all(runner, predict_blocks, plan, batches(todo, parallel, blocks_per_task), "blocks", per_section)
             sections = sections_to_do(plan)

@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels of context around each block (default: the network's receptive field, which makes "
                         "the result equal whole-frame inference; smaller is faster and approximate)")
     p.add_argument("--workers", type=POSITIVE_INT, default=1,
-                   help="a local Dask cluster of this many single-threaded worker processes (1: no Dask)")
+                   help="a local Dask cluster of this many single-threaded worker processes (1: no Dask; with "
+                        "--dask-address the cluster's own workers are used and counted)")
     p.add_argument("--dask-address", metavar="ADDR",
                    help="an existing Dask scheduler, e.g. tcp://host:8786 (docs/scale-out.md)")
     p.add_argument("--blocks-per-task", type=POSITIVE_INT,
-                   help="blocks per Prefect task (default: about 4 tasks per worker, at most 16 blocks each)")
+                   help="blocks per Prefect task (default: about 4 tasks per worker of the local or remote "
+                        "cluster, at most 16 blocks each)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output that holds another input's, model's or settings' segmentation")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

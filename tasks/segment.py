@@ -32,6 +32,8 @@ from tasks.stage import _locked, file_digest
 STATE = ".segment"
 THRESHOLD = 0.5        # the pipeline's mask threshold (tasks/predict.py, unet.infer.predict_files)
 FILL_DISTANCE = 32     # cells grow over at most this many membrane pixels (unet.blocks.fill_tile)
+PREVIEW_SIDE = 768     # preview.png shows sections subsampled to at most this many pixels a side
+CHUNK_ROWS = 512       # rows read at a time for the preview
 IDENTITY = ("input_digest", "model_key", "backend", "settings", "threshold", "fill_distance", "format")
 
 
@@ -351,8 +353,21 @@ def finish_segmentation(plan: dict, seconds: float) -> dict:
     z_count = plan["shape"][0]
     shown = sorted({0, z_count // 2, z_count - 1})
     volume = open_volume(plan["input"], plan["conversion"], plan["colour"])
-    plot_segmentation([volume.section(z) for z in shown], [arrays["prob"][z] for z in shown],
-                      [arrays["cells"][z] for z in shown], [f"section {z}" for z in shown], out / "preview.png")
+    _, h, w = plan["shape"]
+    step = max(1, -(-max(h, w) // PREVIEW_SIDE))  # sections shown at most PREVIEW_SIDE pixels a side
+
+    def thumbnail(read, z: int) -> np.ndarray:
+        """Every step-th pixel of section z, read in bands (never the whole section in memory)."""
+        band = step * max(1, CHUNK_ROWS // step)
+        return np.concatenate([read(z, y, min(y + band, h))[:, ::step] for y in range(0, h, band)])[::step]
+
+    def stored(key: str):
+        return lambda z, y0, y1: arrays[key][z, y0:y1, :]
+
+    plot_segmentation([thumbnail(lambda z, y0, y1: volume.read(z, y0, y1, 0, w), z) for z in shown],
+                      [thumbnail(stored("prob"), z) for z in shown], [thumbnail(stored("cells"), z) for z in shown],
+                      [f"section {z} ({h} x {w}{f', every {step}th pixel' if step > 1 else ''})" for z in shown],
+                      out / "preview.png", cell_counts=[counts[z] for z in shown])
     files = {"preview": str(out / "preview.png")}
     if plan["format"] == "tiff":
         for name, key, dtype in (("probabilities.tif", "prob", "float32"), ("masks.tif", "mask", "uint8"),

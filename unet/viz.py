@@ -95,22 +95,20 @@ def plot_predictions(images: Sequence[Path], cell_prob: np.ndarray, out_png: Pat
 
 
 def plot_segmentation(frames: Sequence[np.ndarray], cell_probs: Sequence[np.ndarray], cells: Sequence[np.ndarray],
-                      titles: Sequence[str], out_png: Path | str, max_side: int = 768) -> Path:
+                      titles: Sequence[str], out_png: Path | str, cell_counts: Sequence[int] | None = None) -> Path:
     """Rows of section / cell probability / cell instances over the section (random colours, the
-    membrane dark): the segmentation flow's preview. Sections larger than ``max_side`` are shown
-    subsampled."""
+    membrane dark): the segmentation flow's preview, from sections already subsampled to a
+    viewable size. ``cell_counts``: the sections' cell counts (default: the ids shown)."""
     plt = _pyplot()
     rng = np.random.default_rng(0)
     fig, axes = plt.subplots(len(frames), 3, figsize=(10, 3.3 * len(frames)), squeeze=False)
     for row, (frame, prob, labels, title) in enumerate(zip(frames, cell_probs, cells, titles)):
-        step = max(1, int(np.ceil(max(frame.shape) / max_side)))
-        frame, prob, labels = frame[::step, ::step], np.asarray(prob)[::step, ::step], np.asarray(labels)[::step, ::step]
-        colours = rng.uniform(0.25, 1.0, size=(int(labels.max()) + 1, 3))
-        colours[0] = 0.0
+        labels = np.asarray(labels)
+        ids, inverse = np.unique(labels, return_inverse=True)  # colours for the ids shown only
+        colours = rng.uniform(0.25, 1.0, size=(len(ids), 3))
+        colours[ids == 0] = 0.0
         grey = np.repeat(frame[..., None] / 255.0, 3, axis=-1)
-        blend = 0.55 * colours[labels] + 0.45 * grey
-        n = len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
-        _show_row(axes[row], (frame, prob, blend),
-                  (f"{title} ({frame.shape[0] * step} x {frame.shape[1] * step})", "cell probability",
-                   f"{n} cells"))
+        blend = 0.55 * colours[inverse.reshape(labels.shape)] + 0.45 * grey
+        count = cell_counts[row] if cell_counts is not None else int((ids > 0).sum())
+        _show_row(axes[row], (frame, np.asarray(prob), blend), (title, "cell probability", f"{count} cells"))
     return _save(plt, fig, out_png)
