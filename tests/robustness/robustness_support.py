@@ -140,11 +140,14 @@ class Pipeline:
 
     def start(self, args: list[str], name: str, wrapper: list[str] | None = None,
               env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start a run with stdout/stderr in ``logs/<name>.out|err`` (read them with ``.output``)."""
+        """Start a run with stdout/stderr in ``logs/<name>.out|err`` (read them with ``.output``).
+        The run gets Python's default Ctrl-C handling even where this process ignores SIGINT (a
+        background job of a non-interactive shell; children inherit an ignored signal)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         out, err = (open(self.logs / f"{name}.{s}", "w") for s in ("out", "err"))
         proc = subprocess.Popen(self.command(args, wrapper), env={**cli_env(self.home), **(env or {})}, cwd=REPO,
-                                stdout=out, stderr=err)
+                                stdout=out, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         proc.name = name  # type: ignore[attr-defined]
         out.close()
         err.close()

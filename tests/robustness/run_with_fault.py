@@ -2,6 +2,9 @@
 
 - ``pause-in-predict``: once the predict stage has written ``PAUSE_AFTER`` files, write the file
   ``PAUSE_MARKER`` and sleep: a test then SIGKILLs the process in the middle of the stage's writes.
+- ``pause-in-check``: once the input checks that run before the flow (``flows.cli.check_inputs``)
+  have passed, write the file ``PAUSE_MARKER`` and sleep: a test then signals the process in the
+  window where nothing has started yet.
 - ``disk-full-in-extract``: the extract stage's sixth frame write fails with ENOSPC, as a
   ``write()`` on a full disk does (an OSError without a file name).
 
@@ -31,6 +34,18 @@ if FAULT == "pause-in-predict":
                 time.sleep(3600)
 
     infer._imwrite = _imwrite
+elif FAULT == "pause-in-check":
+    import flows.cli as cli
+
+    marker, check = Path(os.environ["PAUSE_MARKER"]), cli.check_inputs
+
+    def check_inputs(*args, **kwargs):
+        found = check(*args, **kwargs)
+        marker.write_text("checked")
+        time.sleep(3600)
+        return found
+
+    cli.check_inputs = check_inputs
 elif FAULT == "disk-full-in-extract":
     import unet.frames as frames
 

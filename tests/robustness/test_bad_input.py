@@ -297,11 +297,14 @@ def test_image_size_flag_reaches_the_flow(flag, expected, isbi_dir, tmp_path, fl
     assert flow_stub[-1]["image_size"] == expected  # None: the preset's own size
 
 
-@pytest.mark.parametrize("size, message", [("100", "multiple of 16"), ("1024", "smaller --image-size")])
-def test_bad_image_size_is_one_line(size, message, isbi_dir, tmp_path, capsys):
+# 100 is no valid size for any data (the recipe rejects it: an invalid argument, 2); 1024 is valid
+# but larger than these 512x512 frames (the input check rejects it against the data: 1).
+@pytest.mark.parametrize("size, message, expected", [("100", "multiple of 16", ARGS_ERROR),
+                                                     ("1024", "smaller --image-size", FAILED)])
+def test_bad_image_size_is_one_line(size, message, expected, isbi_dir, tmp_path, capsys):
     code, err = run_main(["--data-dir", str(isbi_dir), "--work-dir", str(tmp_path / "w"), "--preset", "fullres",
                           "--image-size", size], capsys)
-    assert code != 0
+    assert code == expected
     assert_one_line(err, message)
     assert not (tmp_path / "w").exists()  # nothing written
 
