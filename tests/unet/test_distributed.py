@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 
 import cv2
 import mindspore as ms
@@ -10,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from unet.distributed import (SINGLE, Cluster, last_error_line, launch, params_digest, rank_failure,
-                              shard_steps)
+from unet.distributed import (SINGLE, Cluster, ProcessGroup, last_error_line, launch, params_digest,
+                              rank_failure, shard_steps)
 from unet.infer import load_model, predict_frame
 from unet.model import UNet
 from unet.recipes import PRESETS
@@ -173,6 +174,60 @@ def test_single_process_group_is_the_identity():
     assert gathered.shape == (1, 2, 2) and gathered[0].tobytes() == values.tobytes()
     assert SINGLE.mean(0.25) == 0.25
     SINGLE.check_same("ab" * 32, "weights")
+
+
+class _ThreadRanks(ProcessGroup):
+    """Ranks as threads of this process: ``sum`` adds every rank's array (what MindSpore's
+    all-reduce does across msrun's processes); every other collective is ProcessGroup's own code."""
+
+    def __init__(self, rank: int, size: int, shared: dict) -> None:
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        self.shared["parts"][self.rank] = x
+        self.shared["barrier"].wait()
+        total = np.sum(list(self.shared["parts"].values()), axis=0, dtype=np.float32)
+        self.shared["barrier"].wait()  # every rank has read the parts before the next call writes them
+        return total
+
+
+def _check_same_on_ranks(digests: list[str]) -> list[BaseException | None]:
+    """Each rank r calls check_same(digests[r]) in a thread; what each raised (None: nothing)."""
+    shared = {"parts": {}, "barrier": threading.Barrier(len(digests), timeout=30)}
+    raised: list[BaseException | None] = [None] * len(digests)
+
+    def rank(r: int) -> None:
+        try:
+            _ThreadRanks(r, len(digests), shared).check_same(digests[r], "weights after training")
+        except BaseException as exc:  # noqa: BLE001 (reported to the test)
+            raised[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(digests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return raised
+
+
+def test_ranks_with_differing_weights_fail_the_check_on_every_rank():
+    # train() calls check_same on the ranks' params_digest at start and end: a rank whose weights
+    # differ must stop every rank, naming it
+    net = UNet(1, 8)
+    same = params_digest(net.get_parameters())
+    params = list(net.get_parameters())
+    params[0].set_data(ms.Tensor(params[0].asnumpy() + 1e-3))  # one rank's weights moved a little
+    other = params_digest(params)
+    assert other != same
+    assert _check_same_on_ranks([same, same, same]) == [None, None, None]
+    raised = _check_same_on_ranks([same, same, other])
+    for exc in raised:
+        assert isinstance(exc, RuntimeError), raised
+        assert str(exc).startswith("weights after training differ between rank 0 and rank(s) [2]"), exc
+    # any digests that differ in what check_same compares (the first 128 bits), whatever their bytes
+    raised = _check_same_on_ranks(["00" * 32, "ff" * 16 + "00" * 16])
+    assert [type(e) for e in raised] == [RuntimeError, RuntimeError] and "rank(s) [1]" in str(raised[0])
 
 
 def test_workers_are_part_of_the_train_stage_key():
