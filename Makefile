@@ -8,7 +8,7 @@ ARGS   ?=
 DATA_DIR ?= $(if $(wildcard datasets/ISBI/train-volume.tif),datasets/ISBI,$(if $(wildcard ../shared/data/isbi2012/train-volume.tif),../shared/data/isbi2012,datasets/ISBI))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run segment test test-all setup clean-venv server deploy worker trigger
+.PHONY: run segment test test-fast test-all setup clean-venv server deploy worker trigger
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ segment: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)
+
+# Without the end-to-end runs on real data (slow) and the server/worker/database tests (integration).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not integration" $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
