@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +70,12 @@ def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
     assert len(list(Path(out["val_predictions"]).glob("*.png"))) == 10
     assert sorted(p.name for p in Path(out["val_predictions"]).glob("*.png"))[:2] == ["00000.png", "00003.png"]
     assert len(list(Path(out["test_masks"]).glob("*.png"))) == 30
-    assert Path(out["checkpoint"]).is_file() and Path(out["test_probabilities"]).is_file()
+    assert Path(out["checkpoint"]).is_file()
+    # the challenge's submission format (README "What it does"): float32 probabilities, 30x512x512, in [0, 1]
+    probs = tifffile.imread(out["test_probabilities"])
+    assert probs.dtype == np.float32 and probs.shape == (30, 512, 512)
+    assert probs.min() >= 0.0 and probs.max() <= 1.0
+    assert 0.0 < (probs >= 0.5).mean() < 1.0  # a prediction with both classes, not a constant
     assert Path(out["test_examples"]).stat().st_size > 10_000  # a PNG figure of test predictions
 
 
@@ -87,6 +94,21 @@ def test_turning_alignment_off_redoes_evaluate_and_predict_only(pipeline, data_d
     assert plain["metrics"]["alignment"]["applied"] is False and "val_native_unaligned" not in plain["metrics"]
     # without alignment the val scores are the aligned run's "unaligned" ones
     assert plain["metrics"]["val_native"] == pytest.approx(first["metrics"]["val_native_unaligned"])
+    assert states(pipeline(data_dir, work)) == only()  # and back: both are cached
+
+
+def test_changing_tta_scales_reruns_evaluate_and_predict_only(pipeline, data_dir, first_run):
+    # README "Test-time scales": an inference setting, so evaluate and predict rerun, never training.
+    # 0.75, not fullres's 0.875: a resize recipe's scaled input side is rounded to a multiple of 16
+    # (unet/blocks.py _predict_resized), and smoke's 64 px times 0.875 comes back as 64, the scale 1
+    work, first = first_run
+    scaled = pipeline(data_dir, work, tta_scales=[0.75, 1.0])
+    assert states(scaled) == only("evaluate", "predict")
+    assert scaled["stages"]["train"]["output"] == first["stages"]["train"]["output"]
+    assert scaled["metrics"]["tta_scales"] == [0.75, 1.0] and first["metrics"]["tta_scales"] == [1.0]
+    assert scaled["metrics"]["val_native"] != first["metrics"]["val_native"]  # the second scale changed them
+    predict = json.loads((Path(scaled["stages"]["predict"]["output"]) / "manifest.json").read_text())
+    assert predict["inputs"]["tta_scales"] == [0.75, 1.0]
     assert states(pipeline(data_dir, work)) == only()  # and back: both are cached
 
 
@@ -150,3 +172,28 @@ def test_cli_second_run_reports_all_cached(data_dir, tmp_path):
     summary = json.loads((tmp_path / "w" / "runs" / "latest" / "summary.json").read_text())
     assert states(summary) == only()
     assert "test masks" in done.stdout
+
+
+def test_a_new_split_rescores_the_champion_on_its_val_frames(pipeline, data_dir, first_run):
+    """README "Champion": the new model and the champion are both scored on the current val frames.
+    With another split the champion, trained and scored on the every-third split, is evaluated again
+    on the new split's val frames, and that score is what the new model is compared with."""
+    from tasks.promote import champion_score
+    from tasks.stage import is_finished
+
+    work, _ = first_run
+    before = json.loads((work / "champion.json").read_text())
+    summary = pipeline(data_dir, work, split="random", split_seed=5)
+    assert states(summary) == only("split", "datasets", "train", "evaluate", "predict")
+    datasets = "datasets:" + Path(summary["stages"]["datasets"]["output"]).name
+    rescored = []
+    for folder in (work / "evaluate").iterdir():
+        if is_finished(folder):
+            inputs = json.loads((folder / "manifest.json").read_text())["inputs"]
+            if inputs["model"] == f"train:{before['model']['key']}" and inputs["datasets"] == datasets:
+                rescored.append(json.loads((folder / "metrics.json").read_text()))
+    assert len(rescored) == 1, "the champion was not evaluated on the new split"
+    score, _ = champion_score({"metrics": rescored[0]})
+    assert summary["champion"]["previous_score"] == score
+    assert score != before["score"]  # other val frames, another score than the one it was promoted with
+    assert (summary["champion"]["decision"] == "promoted") == (summary["champion"]["new_score"] >= score)
