@@ -123,6 +123,11 @@ def stop_leftovers(home: Path) -> dict[int, str]:
     return left
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Pipeline:
     """``python flows/full_pipeline.py`` as a subprocess bound to one Prefect home."""
 
@@ -141,13 +146,14 @@ class Pipeline:
     def start(self, args: list[str], name: str, wrapper: list[str] | None = None,
               env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start a run with stdout/stderr in ``logs/<name>.out|err`` (read them with ``.output``).
-        The run gets Python's default Ctrl-C handling even where this process ignores SIGINT (a
-        background job of a non-interactive shell; children inherit an ignored signal)."""
+        The run gets the default handling of SIGINT and SIGHUP even where this process ignores them
+        (a background job of a non-interactive shell ignores SIGINT, a job under ``nohup`` SIGHUP;
+        children inherit an ignored signal, and the pipeline keeps an ignored signal ignored)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         out, err = (open(self.logs / f"{name}.{s}", "w") for s in ("out", "err"))
         proc = subprocess.Popen(self.command(args, wrapper), env={**cli_env(self.home), **(env or {})}, cwd=REPO,
                                 stdout=out, stderr=err,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=_default_signals)
         proc.name = name  # type: ignore[attr-defined]
         out.close()
         err.close()
