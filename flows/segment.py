@@ -75,16 +75,16 @@ def batches(items: list[int], workers: int, limit: int | None) -> list[list[int]
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _run_all(runner, task, plan: dict, groups: list[list[int]], what: str, per_section: int) -> None:
-    """Submit ``task(plan, group)`` for every group and log progress as they finish."""
+def _run_all(runner, task, argument: str, plan: dict, groups: list[list[int]], what: str,
+             per_section: int) -> None:
+    """Submit ``task(plan=plan, <argument>=group)`` for every group and log progress as they finish."""
     logger = get_run_logger()
     total = sum(len(g) for g in groups)
     if not total:
         return
     progress = create_progress_artifact(0.0, description=f"segment-volume: {what}")
     t0, done = time.perf_counter(), 0
-    futures = {runner.submit(task, {"plan": plan, ("indices" if what == "blocks" else "sections"): g}): len(g)
-               for g in groups}
+    futures = {runner.submit(task, {"plan": plan, argument: g}): len(g) for g in groups}
     for future in as_completed(list(futures)):
         future.result()  # raises the task's error
         done += futures[future]
@@ -134,9 +134,10 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
         per_section = plan["blocks"] // plan["shape"][0]
         parallel = workers if not dask_address else _cluster_workers(dask_address)
         with task_runner(workers, dask_address) as runner:
-            _run_all(runner, predict_blocks, plan, batches(todo, parallel, blocks_per_task), "blocks", per_section)
+            _run_all(runner, predict_blocks, "indices", plan, batches(todo, parallel, blocks_per_task), "blocks",
+                     per_section)
             sections = sections_to_do(plan)
-            _run_all(runner, label_sections, plan, batches(sections, parallel, None), "sections", 1)
+            _run_all(runner, label_sections, "sections", plan, batches(sections, parallel, None), "sections", 1)
         summary = finish_segmentation(plan, time.perf_counter() - t0)
         state = "computed"
     create_markdown_artifact(summary_markdown(summary, state), key="unet-segmentation",

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.segment import THRESHOLD, resolve_model
+from tasks.stage import file_digest
 
 CHAMPION_EXPORT = "champion-export"
 
@@ -56,8 +57,6 @@ def export_champion(work_dir: str) -> str:
     champion = json.loads((Path(work_dir) / "champion.json").read_text())
     checkpoint = Path(champion["model"]["output"]) / champion["model"]["best_checkpoint"]
     current = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    from tasks.stage import file_digest
-
     if current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint):
         get_run_logger().info("champion export up to date: %s", out)
         return str(out)
