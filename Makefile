@@ -46,8 +46,10 @@ server deploy worker trigger: export PREFECT_API_URL ?= http://$(SERVER_HOST):$(
 # the UI asks the server for its API address, which otherwise assumes port 4200
 server: export PREFECT_UI_API_URL ?= $(PREFECT_API_URL)
 
+# flows/server.py runs `prefect server start`; on an address other than loopback (SERVER_HOST=0.0.0.0)
+# only with PREFECT_SERVER_API_AUTH_STRING set (docs/deployment.md, "Other hosts").
 server: $(VENV)/.installed
-	$(PY) -m prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT) $(ARGS)
+	$(PY) -m flows.server --host $(SERVER_HOST) --port $(SERVER_PORT) $(ARGS)
 
 deploy: $(VENV)/.installed
 	@$(PY) -m prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
