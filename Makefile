@@ -26,7 +26,12 @@ run: $(VENV)/.installed
 segment: $(VENV)/.installed
 	$(PY) flows/segment.py $(ARGS)
 
+# CI's command: every test but the slow ones outside the representative slice (marker ci_slice; the
+# README's Tests section has its time on 2 cores); `make test-all` runs them all.
 test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow or ci_slice" $(ARGS)
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)
 
 # Without the end-to-end runs on real data (slow) and the server/worker/database tests (integration).

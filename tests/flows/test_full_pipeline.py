@@ -11,6 +11,9 @@ import pytest
 import tifffile
 
 pytestmark = pytest.mark.slow
+# CI's slice (`make test`): the first run, the cached rerun, reruns of the last stages and the CLI. The
+# reruns that retrain (epochs, --refresh, a changed byte, another split) run in `make test-all`.
+ci_slice = pytest.mark.ci_slice
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["extract", "split", "datasets", "train", "evaluate", "predict"]
@@ -48,6 +51,7 @@ def first_run(pipeline, data_dir, tmp_path_factory):
     return work, pipeline(data_dir, work)
 
 
+@ci_slice
 def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
     work, summary = first_run
     assert states(summary) == only(*STAGES)
@@ -79,6 +83,7 @@ def test_first_run_completes_every_stage_and_writes_the_summary(first_run):
     assert Path(out["test_examples"]).stat().st_size > 10_000  # a PNG figure of test predictions
 
 
+@ci_slice
 def test_second_run_is_all_cached(pipeline, data_dir, first_run):
     work, first = first_run
     again = pipeline(data_dir, work)
@@ -87,6 +92,7 @@ def test_second_run_is_all_cached(pipeline, data_dir, first_run):
     assert sum(s["seconds"] for s in again["stages"].values()) < 15
 
 
+@ci_slice
 def test_turning_alignment_off_redoes_evaluate_and_predict_only(pipeline, data_dir, first_run):
     work, first = first_run
     plain = pipeline(data_dir, work, align=False)
@@ -97,6 +103,7 @@ def test_turning_alignment_off_redoes_evaluate_and_predict_only(pipeline, data_d
     assert states(pipeline(data_dir, work)) == only()  # and back: both are cached
 
 
+@ci_slice
 def test_changing_tta_scales_reruns_evaluate_and_predict_only(pipeline, data_dir, first_run):
     # README "Test-time scales": an inference setting, so evaluate and predict rerun, never training.
     # 0.75, not fullres's 0.875: a resize recipe's scaled input side is rounded to a multiple of 16
@@ -112,6 +119,7 @@ def test_changing_tta_scales_reruns_evaluate_and_predict_only(pipeline, data_dir
     assert states(pipeline(data_dir, work)) == only()  # and back: both are cached
 
 
+@ci_slice
 def test_artifacts_are_readable_through_the_client(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -135,6 +143,7 @@ def test_changing_epochs_reruns_training_and_downstream_only(pipeline, data_dir,
     assert (summary["champion"]["new_score"] >= summary["champion"]["previous_score"]) == promoted
 
 
+@ci_slice
 def test_deleted_prediction_folder_reruns_only_predict(pipeline, data_dir, first_run):
     work, first = first_run
     shutil.rmtree(first["stages"]["predict"]["output"])
@@ -160,6 +169,7 @@ def test_one_changed_byte_of_the_volume_reruns_everything(pipeline, data_dir, fi
     assert states(pipeline(changed, work)) == only(*STAGES)
 
 
+@ci_slice
 def test_cli_second_run_reports_all_cached(data_dir, tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"),
            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "home" / "storage")}

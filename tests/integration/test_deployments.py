@@ -214,7 +214,8 @@ def _no_database():
     yield None
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# CI's slice runs the PostgreSQL server only (the multi-host setup); `make test-all` adds SQLite.
+@pytest.fixture(scope="module", params=["postgresql", pytest.param("sqlite", marks=pytest.mark.slow)])
 def server(request, tmp_path_factory):
     """A ``prefect server start`` on a free loopback port with its own PREFECT_HOME and result
     storage, on SQLite (``$PREFECT_HOME/prefect.db``) or on a PostgreSQL database of its own."""

@@ -18,7 +18,9 @@ import zarr
 
 from test_deployments import free_port, started, tail, wait_healthy
 
-pytestmark = pytest.mark.integration
+# slow: CI's slice has the same path through a deployment (test_deployments.py's
+# test_segment_volume_deployment_runs_on_a_dask_cluster); `make test-all` runs this one too.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
