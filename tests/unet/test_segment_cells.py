@@ -51,3 +51,21 @@ def test_filled_scores_reject_what_the_strict_scores_reject():
         filled_segmentation_scores(np.zeros((4, 4)), np.ones((4, 4)), thresholds=(1.5,))
     with pytest.raises(ValueError, match="one frame"):
         segment_cells(np.zeros((2, 4, 4)), 0.5)
+
+
+def test_a_pixel_at_the_threshold_is_cell_as_in_the_strict_scores():
+    # segment_cells' components are those of cell_prob >= threshold, the rule of
+    # segmentation_scores' own segmentation: the filled and strict scores must cut at the same pixels
+    prob = np.array([[0.5, 0.2, 0.5]])
+    assert segment_cells(prob, 0.5).tolist() == [[1, 0, 2]]
+    target = np.array([[1, 0, 1]], np.uint8)
+    assert segmentation_scores(prob, target, thresholds=(0.5,))["v_rand"] == 1.0
+
+
+def test_fill_membrane_grows_a_single_cell_over_the_whole_frame():
+    # one component is a frame with one cell: every membrane pixel joins it (the docstring's promise,
+    # "grown until every pixel belongs to a component"), not only when there are two or more
+    prob = np.zeros((5, 6))
+    prob[1:3, 1:3] = 0.9
+    filled = segment_cells(prob, 0.5, fill_membrane=True)
+    assert (filled == 1).all()

@@ -1,0 +1,170 @@
+"""Mutation score: the share of small code changes (mutants) that the fast tests notice.
+
+    .venv/bin/python benchmarks/mutation.py [--jobs 2] [--nice 15] [MODULE ...]   (or: make mutation)
+
+For each module (default: all of TARGETS, in that order), in a fresh copy of the project under
+``mutants/<name>/`` (git-ignored), mutmut 3.8.1 mutates that module alone and runs the fast tests
+listed for it in TARGETS (each mutant only those of them that call the mutated function).
+A mutant is *killed* when a test fails, *survives* when all pass, *times out* when its tests use
+more than 30 times their clean CPU time, and has *no tests* when none of the listed tests calls its
+function. Score = (killed + timeouts) / mutants.
+
+Prints a table (one row per module, markdown, as in tests/README.md) and one JSON line; writes each
+module's surviving mutants as diffs to ``mutants/<name>/survivors.txt`` and mutmut's log to
+``mutants/<name>/mutmut.log``. Not part of CI: about an hour for all five on 2 busy cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+REPO = common.REPO
+VENV_BIN = Path(sys.executable).parent
+WORK = REPO / "mutants"
+
+# module -> the fast tests that exercise it (never the slow or integration ones; tests/README.md).
+# tests/tasks/test_code_keys.py is left out of tasks/stage.py's: it hashes the whole project twice
+# per case (about 100 s in all); tests/tasks/test_stage_mutants.py tests the same closure on a
+# small project.
+TARGETS = {
+    "unet/metrics.py": ["tests/unet/test_metrics.py", "tests/unet/test_properties.py"],
+    "unet/split.py": ["tests/unet/test_split.py", "tests/unet/test_properties.py"],
+    "unet/align.py": ["tests/unet/test_align.py"],
+    "unet/segment.py": ["tests/unet/test_segment_cells.py"],
+    "tasks/stage.py": ["tests/tasks/test_stage.py", "tests/tasks/test_stage_mutants.py",
+                       "tests/robustness/test_stage_writes.py"],
+}
+COPIED = ("unet", "tasks", "flows", "tests", "pyproject.toml")
+COUNTED = ("killed", "survived", "timeout", "no tests")
+
+
+def isbi_dir() -> str:
+    """Where the tests would find the ISBI stacks (tests/conftest.py's order): the copy under
+    mutants/ is one folder deeper, so its conftest cannot find ../shared by itself."""
+    if os.environ.get("ISBI_DATA_DIR"):
+        return os.environ["ISBI_DATA_DIR"]
+    local = REPO / "datasets" / "ISBI"
+    return str(local if (local / "train-volume.tif").is_file() else REPO.parent / "shared" / "data" / "isbi2012")
+
+
+def tests_of(module: str) -> list[str]:
+    """TARGETS' tests of ``module`` that exist (test_stage_mutants.py may not yet)."""
+    return [t for t in TARGETS[module] if (REPO / t).is_file()]
+
+
+def setup_cfg(module: str, tests: list[str]) -> str:
+    """mutmut's configuration: the whole packages copied, ``module`` alone mutated."""
+    lines = ["[mutmut]", "source_paths =", "    unet", "    tasks", "    flows", f"only_mutate = {module}",
+             "pytest_add_cli_args_test_selection ="]
+    lines += [f"    {t}" for t in tests]
+    lines += ["pytest_add_cli_args =", "    -m", "    not slow and not integration", "    -p", "    no:cacheprovider",
+              "use_git_change_detection = false",
+              # mutmut's wall-clock limit is (clean time + constant) x multiplier, 15.75 s for a 50 ms
+              # test by default: on a loaded machine under nice that times out mutants that are fine.
+              # 10 x (t + 10 s) still ends a mutant stuck in a loop after a few minutes at most.
+              "timeout_multiplier = 10.0", "timeout_constant = 10.0", ""]
+    return "\n".join(lines)
+
+
+def stage(module: str) -> Path:
+    """A fresh copy of the project for ``module``'s run: mutants/<name>/."""
+    root = WORK / module.removesuffix(".py").replace("/", "-")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", ".pytest_cache")
+    for name in COPIED:
+        src = REPO / name
+        shutil.copytree(src, root / name, ignore=ignore) if src.is_dir() else shutil.copy2(src, root / name)
+    (root / "setup.cfg").write_text(setup_cfg(module, tests_of(module)))
+    return root
+
+
+def mutmut(root: Path, args: list[str], niceness: int, log=None) -> tuple[int, str]:
+    """Run ``mutmut ARGS`` in ``root``: (exit code, output; written to ``log`` instead when given).
+    It runs in a session of its own, ended with everything it forked if this script is stopped."""
+    env = {**os.environ, "ISBI_DATA_DIR": isbi_dir(), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = ["nice", "-n", str(niceness), str(VENV_BIN / "mutmut"), *args]
+    out = subprocess.PIPE if log is None else log
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output or ""
+
+
+def results(root: Path, niceness: int) -> dict[str, str]:
+    """``{mutant name: status}`` from ``mutmut results --all true``."""
+    out = mutmut(root, ["results", "--all", "true"], niceness)[1]
+    return dict(re.findall(r"^\s+(\S+): (.+)$", out, flags=re.M))
+
+
+def run_module(module: str, jobs: int, niceness: int) -> dict:
+    t0 = time.perf_counter()
+    root = stage(module)
+    with (root / "mutmut.log").open("w") as log:
+        exit_code = mutmut(root, ["run", "--max-children", str(jobs)], niceness, log)[0]
+    status = results(root, niceness)
+    counts = {k: sum(s == k for s in status.values()) for k in COUNTED}
+    other = len(status) - sum(counts.values())
+    survivors = sorted(n for n, s in status.items() if s in ("survived", "no tests"))
+    with (root / "survivors.txt").open("w") as f:
+        for name in survivors:
+            f.write(mutmut(root, ["show", name], niceness)[1] + "\n")
+    detected = counts["killed"] + counts["timeout"]
+    return {"module": module, "tests": tests_of(module), "mutants": len(status), **counts, "other": other,
+            "score": round(100.0 * detected / len(status), 1) if status else None,
+            "exit_code": exit_code, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "survivors": survivors}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| module | mutants | killed | survived | timeouts | no tests | score |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        score = "-" if r["score"] is None else f"{r['score']:.1f} %"
+        lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['timeout']} "
+                     f"| {r['no tests']} | {score} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("modules", nargs="*", default=list(TARGETS), help=f"default: {' '.join(TARGETS)}")
+    p.add_argument("--jobs", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
+    p.add_argument("--nice", type=int, default=15, help="niceness of the mutmut processes")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that mutmut's session is ended too
+    unknown = [m for m in args.modules if m not in TARGETS]
+    if unknown:
+        raise SystemExit(f"error: unknown module {unknown[0]}; expected one of {', '.join(TARGETS)}")
+    if not (VENV_BIN / "mutmut").is_file():
+        raise SystemExit(f"error: {VENV_BIN / 'mutmut'} not found; install the dev extra: pip install -e '.[dev]'")
+    rows = []
+    for module in args.modules:
+        row = run_module(module, args.jobs, args.nice)
+        rows.append(row)
+        print(f"{module}: {row['mutants']} mutants, {row['killed']} killed, {row['survived']} survived, "
+              f"{row['timeout']} timeouts, {row['no tests']} no tests, score {row['score']} % "
+              f"({row['minutes']} min, mutmut exit code {row['exit_code']}; survivors: "
+              f"{(WORK / module.removesuffix('.py').replace('/', '-') / 'survivors.txt').relative_to(REPO)})",
+              flush=True)
+    print(table(rows))
+    common.emit({"benchmark": "mutation", "rows": [{k: v for k, v in r.items() if k != "survivors"} for r in rows]})
+
+
+if __name__ == "__main__":
+    main()
