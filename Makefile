@@ -8,7 +8,7 @@ ARGS   ?=
 DATA_DIR ?= $(if $(wildcard datasets/ISBI/train-volume.tif),datasets/ISBI,$(if $(wildcard ../shared/data/isbi2012/train-volume.tif),../shared/data/isbi2012,datasets/ISBI))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run segment test test-fast test-all setup clean-venv server deploy worker trigger
+.PHONY: run segment test test-fast test-all setup clean-venv server deploy worker trigger mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-all: $(VENV)/.installed
 # Without the end-to-end runs on real data (slow) and the server/worker/database tests (integration).
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow and not integration" $(ARGS)
+
+# Mutation score of metrics, split, align, segment and the stage keys (benchmarks/mutation.py; not in
+# CI, about an hour): make mutation ARGS="unet/segment.py --jobs 1"
+mutation: $(VENV)/.installed
+	$(PY) benchmarks/mutation.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
