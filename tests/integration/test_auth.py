@@ -1,6 +1,6 @@
 """An authenticated Prefect server, as docs/deployment.md ("Other hosts") sets it up: ``make server
 SERVER_HOST=0.0.0.0`` with ``PREFECT_SERVER_API_AUTH_STRING`` on a free port; requests and the
-events websocket without the string are refused, a worker and the CLI with
+events websocket without the string are refused, the Python client, the CLI and a worker with
 ``PREFECT_API_AUTH_STRING`` deploy and run a tiny flow to completion (its task run recorded through
 the authenticated events websocket), and without the string ``make server`` on 0.0.0.0 refuses to
 start in one line. The server is stopped with all its processes, also when a test fails."""
@@ -114,19 +114,24 @@ def test_requests_without_the_auth_string_get_401(server):
 
 
 def test_a_worker_with_the_auth_string_runs_a_deployment(server):
+    """The Python client deploys a one-task flow (in this process: a `prefect deploy` would cost
+    another Prefect start-up), `prefect deployment run` and a `--run-once` worker, all with the
+    client string, run it."""
+    from prefect import Flow
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+    from prefect.workers.process import ProcessWorker
 
     source = server.tmp / "tiny"
     source.mkdir()
     (source / "tiny.py").write_text(TINY_FLOW)
-    for args in (["work-pool", "create", POOL, "--type", "process"],
-                 ["--no-prompt", "deploy", "tiny.py:tiny", "--name", "tiny", "--pool", POOL]):
-        done = subprocess.run([*PREFECT, *args], cwd=source, env=server.env, capture_output=True, text=True,
-                              timeout=180, stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-
     with temporary_settings({PREFECT_API_AUTH_STRING: server.env["PREFECT_API_AUTH_STRING"]}):
+        with client_for(server.api) as client:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            tiny = Flow.from_source(source=str(source), entrypoint="tiny.py:tiny")
+            tiny.deploy(name="tiny", work_pool_name=POOL, print_next_steps=False)
         flow_run, log = run_deployment(server, "tiny/tiny", {"x": 7})  # fails unless Completed
         # the task run's states reach the server only as events over the /api/events/in websocket
         deadline, task_runs = time.monotonic() + 60, []
