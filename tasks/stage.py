@@ -9,14 +9,21 @@ import statements, never listed by hand), and the versions of the libraries that
 (:data:`RESULT_PACKAGES`). A comment-only edit changes the key too: the source is hashed as it is.
 The output folder is ``<work_dir>/<stage>/<key>``; Prefect's cache key is the same key plus the
 work directory, so two work directories never share results.
+
+A finished folder's manifest lists the size and sha256 of every file the stage wrote. Before a
+finished folder is reused (a Prefect cache hit or a folder found on disk), every file must exist
+with its size; with ``verify`` (``--verify``) its content must also match the hash. A damaged
+folder is logged (one warning naming it and its first bad file) and the stage is computed again.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -147,7 +154,79 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _manifest(policy: StagePolicy, key: str, inputs: dict[str, Any], result: dict, seconds: float) -> dict:
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``folder`` but the manifest, by path relative to it."""
+    records = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            records[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+    return records
+
+
+def find_damage(folder: Path | str, verify: bool = False) -> str | None:
+    """Why a finished stage folder cannot be reused, naming its first bad file, or None when it can:
+    a file of the manifest is missing or has another size; with ``verify``, another content (sha256).
+    A manifest without file records (written before they existed) is reused as before, except with
+    ``verify``: it cannot be checked, so the stage is computed again."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        records = manifest.get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{MANIFEST}: unreadable ({exc})"
+    if records is None:
+        return f"{MANIFEST}: no file sizes and hashes to verify (written by an older version)" if verify else None
+    for rel, record in records.items():
+        try:
+            size = (folder / rel).stat().st_size
+        except OSError:
+            return f"{rel}: missing"
+        if size != record["size"]:
+            return f"{rel}: {size} bytes, expected {record['size']}"
+    if verify:
+        for rel, record in records.items():
+            if file_digest(folder / rel) != record["sha256"]:
+                return f"{rel}: content differs from its sha256 in the manifest"
+    return None
+
+
+# Whether reused stage folders are checked against their files' hashes (see verifying()).
+_VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("verify_stage_hashes", default=False)
+
+
+@contextlib.contextmanager
+def verifying(verify: bool = True) -> Iterator[None]:
+    """Within: stage folders that :func:`run_stage` reuses are checked against their hashes too (a
+    context variable: Prefect runs a task called from the flow in the caller's context)."""
+    token = _VERIFY.set(verify)
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task run, else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _reusable(final: Path) -> bool:
+    """Whether the finished folder ``final`` is intact; a damaged one is logged."""
+    problem = find_damage(final, _VERIFY.get())
+    if problem:
+        _log().warning("%s: damaged stage folder (%s); computing the stage again", final, problem)
+    return problem is None
+
+
+def _manifest(policy: StagePolicy, key: str, inputs: dict[str, Any], result: dict, seconds: float,
+              folder: Path) -> dict:
     return {
         "stage": policy.stage,
         "key": key,
@@ -160,6 +239,7 @@ def _manifest(policy: StagePolicy, key: str, inputs: dict[str, Any], result: dic
         "packages": {p: version(p) for p in PACKAGES},
         "host": platform.node(),
         "result": result,
+        "files": file_records(folder),
     }
 
 
@@ -182,10 +262,12 @@ def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[s
               *, resumable: bool = False) -> dict:
     """Run ``build(folder)`` for the stage unless its finished folder exists, and return
     ``{"stage", "key", "output", **result}`` where ``result`` is what ``build`` returned (paths
-    in it relative to the folder). ``build`` writes into ``<key>.partial``, which becomes
-    ``<key>`` only after the manifest is written; a resumable stage keeps a partial folder left
-    by a killed run and continues from it (unless ``refresh``), any other stage starts it afresh
-    and removes it when ``build`` fails. ``inputs`` default to the running task's parameters.
+    in it relative to the folder). A finished folder is reused only when intact (:func:`find_damage`;
+    hashes too within :func:`verifying`), else built again. ``build`` writes into ``<key>.partial``,
+    which becomes ``<key>`` only after the manifest (with the size and sha256 of every file) is
+    written; a resumable stage keeps a partial folder left by a killed run and continues from it
+    (unless ``refresh``), any other stage starts it afresh and removes it when ``build`` fails.
+    ``inputs`` default to the running task's parameters.
 
     An ``OSError`` without a file name (a failed ``write()``, e.g. ENOSPC) is re-raised naming the
     stage folder, so that the one-line error says where the disk filled up."""
@@ -196,7 +278,7 @@ def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[s
     partial = final.with_name(key + ".partial")
     with _locked(work_dir / ".locks" / f"{policy.stage}-{key}.lock"):
         _remove_stale(final)
-        if is_finished(final) and not inputs.get("refresh"):
+        if is_finished(final) and not inputs.get("refresh") and _reusable(final):
             result = json.loads((final / MANIFEST).read_text())["result"]
         else:
             if partial.exists() and (not resumable or inputs.get("refresh")):
@@ -205,7 +287,7 @@ def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[s
                 partial.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
                 result = build(partial)
-                manifest = _manifest(policy, key, inputs, result, time.perf_counter() - t0)
+                manifest = _manifest(policy, key, inputs, result, time.perf_counter() - t0, partial)
                 _write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=2, default=str))
                 _replace_dir(partial, final)
             except Exception as exc:
@@ -247,16 +329,20 @@ def outputs_exist(result: dict) -> bool:
     return isinstance(result, dict) and "output" in result and is_finished(result["output"])
 
 
-def call_stage(task_fn, *, refresh: bool = False, **kwargs) -> tuple[str, float, dict]:
+def call_stage(task_fn, *, refresh: bool = False, verify: bool = False, **kwargs) -> tuple[str, float, dict]:
     """Run a stage task and return (state name, seconds, result).
 
-    A Prefect cache hit whose stage folder was deleted since is run again (only that stage), and
-    ``refresh`` recomputes the stage even when its cache record and folder exist."""
+    A Prefect cache hit whose stage folder was deleted or damaged since (:func:`find_damage`; with
+    ``verify``, the hashes of its files too) is run again (only that stage), and ``refresh``
+    recomputes the stage even when its cache record and folder exist."""
     t0 = time.perf_counter()
     task_fn = task_fn.with_options(refresh_cache=True) if refresh else task_fn
-    state = task_fn(refresh=refresh, return_state=True, **kwargs)
-    result = state.result()
-    if state.name == "Cached" and not outputs_exist(result):
-        state = task_fn.with_options(refresh_cache=True)(refresh=refresh, return_state=True, **kwargs)
+    with verifying(verify):
+        state = task_fn(refresh=refresh, return_state=True, **kwargs)
         result = state.result()
+        if state.name == "Cached" and not (outputs_exist(result) and find_damage(result["output"], verify) is None):
+            # the task runs again: its run_stage logs the damage and recomputes the stage (or finds
+            # the folder gone, or reuses it if another run has recomputed it meanwhile)
+            state = task_fn.with_options(refresh_cache=True)(refresh=refresh, return_state=True, **kwargs)
+            result = state.result()
     return state.name, time.perf_counter() - t0, result
