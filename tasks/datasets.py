@@ -23,8 +23,9 @@ def build_datasets(split: dict, image_size: int, input_mode: str, in_channels: i
         (folder / "dataset.json").write_text(json.dumps(spec, indent=2))
         get_run_logger().info("datasets: %d train / %d val / %d test frames of %s, network input %s",
                               len(spec["train"]), len(spec["val"]), len(spec["test"]),
-                              spec["frame_shape"], spec["network_input"])
+                              " and ".join("x".join(map(str, shape)) for shape in spec["frame_shapes"]),
+                              spec["network_input"])
         return {"dataset_json": "dataset.json", "split_dir": split["output"], "frame_shape": spec["frame_shape"],
-                "counts": {s: len(spec[s]) for s in ("train", "val", "test")}}
+                "frame_shapes": spec["frame_shapes"], "counts": {s: len(spec[s]) for s in ("train", "val", "test")}}
 
     return run_stage(POLICY, build)

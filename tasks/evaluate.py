@@ -6,13 +6,16 @@ frames without TTA for crop recipes), and native-size predictions of val (writte
 With ``align`` (the default), the sub-pixel shift that best maps the train frames' predictions onto
 their labels (:mod:`unet.align`) is estimated here, applied to the val predictions before they are
 scored and written, and returned for the predict stage; the val scores without it are kept as
-``val_native_unaligned``."""
+``val_native_unaligned``.
+
+Frames of several volumes may differ in size: predictions and scores are made frame by frame
+(:func:`unet.evaluate.native_scores`), the alignment is estimated on the frames' common central
+region (:func:`unet.data.central_crops`), and val predictions are written per volume
+(``val/<volume>/masks``, ``val/<volume>/probabilities.tif``...; one volume: ``val/masks``... as ever)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import numpy as np
 
 from prefect import get_run_logger, task
 
@@ -31,8 +34,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     ``tta_scales``: the native-size predictions' test-time scales (``unet.infer.predict_frame``;
     None: the frame as it is)."""
     from unet.align import Alignment, estimate_shift, shift
-    from unet.data import SegmentationSource, eval_transforms, read_sections
-    from unet.evaluate import native_scores, read_masks
+    from unet.data import SegmentationSource, central_crops, eval_transforms, read_sections, volume_of
+    from unet.evaluate import native_scores, read_mask_frames
     from unet.infer import load_model, predict_files, predict_frame
     from unet.recipes import Recipe
     from unet.train import evaluate_case_metrics
@@ -48,23 +51,34 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels,
                                             sections=config.sections)
                    for name, pairs in (("train", train_pairs), ("val", val_pairs))}
-        metrics = {name: evaluate_case_metrics(net, src, config.val_batch_size) for name, src in sources.items()}
-        train_probs = np.stack([predict_frame(net, read_sections(img, config.sections), config, tta=config.tta,
-                                              scales=scales) for img, _ in train_pairs])
-        train_masks = read_masks([m for _, m in train_pairs])
-        alignment = estimate_shift(train_probs, train_masks) if align else Alignment()
+        # whole native frames of different sizes (crop recipes, several volumes) cannot share a batch
+        sizes = datasets.get("frame_shapes") or [None]
+        batch = config.val_batch_size if config.input_mode == "resize" or len(sizes) == 1 else 1
+        metrics = {name: evaluate_case_metrics(net, src, batch) for name, src in sources.items()}
+        train_probs = [predict_frame(net, read_sections(img, config.sections), config, tta=config.tta,
+                                     scales=scales) for img, _ in train_pairs]
+        train_masks = read_mask_frames([m for _, m in train_pairs])
+        alignment = (estimate_shift(central_crops(train_probs), central_crops(train_masks)) if align
+                     else Alignment())
         if align:
             logger.info("alignment: predictions shifted by dy %+.2f dx %+.2f px (estimated on the %d train "
                         "frames: mean squared error %.4f -> %.4f)", alignment.dy, alignment.dx, len(train_pairs),
                         alignment.mse_before, alignment.mse_after)
-        metrics["train_native"] = native_scores(shift(train_probs, alignment.dy, alignment.dx), train_masks)
-        preds = predict_files(net, [img for img, _ in val_pairs], config, folder / "val", tta=config.tta,
-                              align=alignment if align else None, scales=scales)
-        probs = preds.cell_prob
-        val_masks = read_masks([m for _, m in val_pairs])
+        metrics["train_native"] = native_scores([shift(p, alignment.dy, alignment.dx) for p in train_probs],
+                                                train_masks)
+        by_volume: dict[str, list[Path]] = {}
+        for img, _ in val_pairs:
+            by_volume.setdefault(volume_of(img.name), []).append(img)
+        probs, unaligned = [], []
+        for volume, images in by_volume.items():  # in val order: the volumes' frames are sorted by name
+            preds = predict_files(net, images, config, folder / "val" / volume, tta=config.tta,
+                                  align=alignment if align else None, scales=scales)
+            probs += list(preds.cell_prob)
+            unaligned += list(preds.unaligned_prob) if align else []
+        val_masks = read_mask_frames([m for _, m in val_pairs])
         metrics["val_native"] = native_scores(probs, val_masks)
         if align:
-            metrics["val_native_unaligned"] = native_scores(preds.unaligned_prob, val_masks)
+            metrics["val_native_unaligned"] = native_scores(unaligned, val_masks)
         metrics["alignment"] = {"applied": align, **alignment.to_dict()}
         metrics["tta_scales"] = list(scales)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -79,8 +93,10 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         logger.info("val native: membrane dice %.4f iou %.4f, V_rand %.4f, V_info %.4f "
                     "(membrane filled: V_rand %.4f, V_info %.4f)", native["membrane_dice"], native["membrane_iou"],
                     native["v_rand"], native["v_info"], native["v_rand_filled"], native["v_info_filled"])
+        one = list(by_volume) == [""]
         return {"metrics": metrics, "model_output": model["output"], "metrics_json": "metrics.json",
-                "val_predictions": "val/masks", "val_probabilities": "val/probabilities.tif", "val_overlays": "val/overlays",
+                "val_predictions": "val/masks" if one else "val", "val_overlays": "val/overlays" if one else "val",
+                "val_probabilities": "val/probabilities.tif" if one else "val",
                 "history_png": "history.png", "examples_png": "val_examples.png"}
 
     return run_stage(POLICY, build)

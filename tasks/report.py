@@ -29,7 +29,8 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
                   decision: dict) -> dict:
     """The summary.json document: per-stage state, seconds and folder; metrics of the model this
     run trained; the champion decision; output paths (test predictions come from the champion)."""
-    model, evaluation, prediction = stages["train"][2], stages["evaluate"][2], stages["predict"][2]
+    model, evaluation = stages["train"][2], stages["evaluate"][2]
+    prediction = stages["predict"][2] if "predict" in stages else None  # None: no test volume
     champion = decision["champion"]
     return {
         "run": run_name,
@@ -53,11 +54,13 @@ def build_summary(run_name: str, parameters: dict, stages: dict[str, tuple[str, 
             "val_probabilities": _abs(evaluation, "val_probabilities"),
             "history_plot": _abs(evaluation, "history_png"),
             "val_examples": _abs(evaluation, "examples_png"),
-            "test_masks": _abs(prediction, "test_masks"),
-            "test_probabilities": _abs(prediction, "test_probabilities"),
-            "test_overlays": _abs(prediction, "test_overlays"),
-            # results stored before the figure existed have no entry for it
-            "test_examples": _abs(prediction, "test_examples_png") if "test_examples_png" in prediction else None,
+            **({} if prediction is None else {
+                "test_masks": _abs(prediction, "test_masks"),
+                "test_probabilities": _abs(prediction, "test_probabilities"),
+                "test_overlays": _abs(prediction, "test_overlays"),
+                # results stored before the figure existed have no entry for it
+                "test_examples": _abs(prediction, "test_examples_png") if "test_examples_png" in prediction else None,
+            }),
         },
     }
 
@@ -184,8 +187,9 @@ def format_console(summary: dict) -> str:
         lines.append(f"registered labels {text}")
     lines += [f"checkpoint        {out['checkpoint']}",
               f"champion          {champ['decision']}: {champ['checkpoint']}",
-              f"test masks        {out['test_masks']}",
-              f"test probability  {out['test_probabilities']}", f"val examples      {out['val_examples']}"]
+              *([f"test masks        {out['test_masks']}", f"test probability  {out['test_probabilities']}"]
+                if "test_masks" in out else ["test              no test volume: predict_test skipped"]),
+              f"val examples      {out['val_examples']}"]
     if out.get("test_examples"):
         lines.append(f"test examples     {out['test_examples']}")
     if out.get("champion_export"):

@@ -111,12 +111,22 @@ def boundary_weight_map(mask: np.ndarray, w0: float, sigma: float) -> np.ndarray
     return (1.0 + w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))).astype(np.float32)
 
 
+def central_crops(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """Frames [H_i, W_i] as one stack [N, H, W]: frames of one size as they are, frames of
+    different sizes (several volumes) cut to their common central region (min H_i x min W_i)."""
+    h, w = min(f.shape[0] for f in frames), min(f.shape[1] for f in frames)
+    crops = [f[(f.shape[0] - h) // 2:(f.shape[0] - h) // 2 + h, (f.shape[1] - w) // 2:(f.shape[1] - w) // 2 + w]
+             for f in frames]
+    return np.stack(crops)
+
+
 def label_offset(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Alignment:
     """How far the labels sit from their images' membranes: the shift (0.25 px steps, up to 1.5 px)
     that best maps the images, read as a crude cell probability (:func:`unet.align.image_as_probability`),
     onto the binary masks. ISBI 2012's training frames give (-0.5, -0.25): the labels are drawn
-    half a pixel above the dark membrane pixels."""
-    return estimate_shift(image_as_probability(np.stack(images)), np.stack(masks))
+    half a pixel above the dark membrane pixels. Frames of different sizes are compared on their
+    common central region (:func:`central_crops`)."""
+    return estimate_shift(image_as_probability(central_crops(images)), central_crops(masks))
 
 
 def read_grey(path: Path | str) -> np.ndarray:
@@ -138,12 +148,19 @@ def stack_folders(image: Path) -> list[Path]:
     return [folder]
 
 
+def volume_of(name: str) -> str:
+    """The volume prefix of a frame name: ``v1`` for ``v1-00003.png`` (several labelled volumes,
+    :func:`unet.frames.volume_prefix`), ``""`` for ``00003.png``."""
+    return name.rsplit("-", 1)[0] if "-" in name else ""
+
+
 def section_paths(image: Path | str, sections: int) -> list[Path]:
     """``image`` between its neighbours: the ``sections // 2`` frames before and after it in its
-    stack (:func:`stack_folders`, ordered by file name, e.g. 00003.png); at a stack's ends the
-    nearest frame repeats."""
+    stack (:func:`stack_folders`, the frames of its own volume, :func:`volume_of`, ordered by file
+    name, e.g. 00003.png); at a stack's ends the nearest frame repeats."""
     image = Path(image)
-    stack = sorted((p for folder in stack_folders(image) for p in folder.glob("*.png")), key=lambda p: p.name)
+    stack = sorted((p for folder in stack_folders(image) for p in folder.glob("*.png")
+                    if volume_of(p.name) == volume_of(image.name)), key=lambda p: p.name)
     try:
         z = [p.name for p in stack].index(image.name)
     except ValueError:

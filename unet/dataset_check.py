@@ -24,9 +24,10 @@ def _check_pair(split_dir: Path, image: str, mask: str) -> tuple[int, int]:
 
 def describe_split(split_dir: Path | str, *, image_size: int, input_mode: str, in_channels: int,
                    augmentation: str) -> dict:
-    """Pairs (paths relative to ``split_dir``), counts, the common frame shape and the network
-    input; ValueError when a subset is empty, a pair is inconsistent, frames differ in size, or
-    frames are smaller than a crop recipe's crop."""
+    """Pairs (paths relative to ``split_dir``), counts, the frame shape (``frame_shape``; None when
+    frames of several volumes differ in size, ``frame_shapes`` lists the sizes) and the network
+    input; ValueError when a subset is empty, a pair is inconsistent, or frames are smaller than a
+    crop recipe's crop."""
     split_dir = Path(split_dir)
     table = read_split(split_dir)
     subsets = {s: table[table["subset"] == s] for s in ("train", "val", "test")}
@@ -34,16 +35,15 @@ def describe_split(split_dir: Path | str, *, image_size: int, input_mode: str, i
         if subsets[name].empty:
             raise ValueError(f"{split_dir / 'split.csv'}: the {name} subset is empty")
     shapes = {_check_pair(split_dir, r.image, r.mask) for s in ("train", "val") for r in subsets[s].itertuples()}
-    if len(shapes) != 1:
-        raise ValueError(f"{split_dir}: labelled frames differ in size: {sorted(shapes)}")
-    (h, w), = shapes
+    h, w = min(shapes, key=min)
     if input_mode == "crop" and min(h, w) < image_size:
         raise ValueError(f"{split_dir}: frames are {h}x{w}, smaller than the recipe's crop of {image_size}")
     recipe = Recipe(name="check", image_size=image_size, input_mode=input_mode, in_channels=in_channels,
                     augmentation=augmentation)
     network_input = [in_channels, image_size, image_size]
     return {
-        "frame_shape": [int(h), int(w)],
+        "frame_shape": [int(h), int(w)] if len(shapes) == 1 else None,
+        "frame_shapes": [[int(a), int(b)] for a, b in sorted(shapes)],
         "network_input": network_input,
         "input_mode": input_mode,
         "augmentation": A.to_dict(train_transforms(recipe)),

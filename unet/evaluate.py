@@ -3,12 +3,15 @@
 
 ``native_scores`` is what the pipeline reports for full-size predictions: the case's five
 per-image metrics (cell class), dataset-level confusion scores for both classes, and the ISBI
-2012 scores V_rand and V_info (best threshold).
+2012 scores V_rand and V_info (best threshold). Frames may differ in size (several volumes): every
+score is computed per frame, then aggregated as for frames of one size — per-image means over the
+frames, confusion counts summed over all pixels (pixel-weighted), V_rand / V_info averaged over the
+frames at each threshold before the best threshold is picked.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,12 +22,50 @@ from unet.segment import filled_segmentation_scores
 
 
 def read_masks(paths: Sequence[Path | str]) -> np.ndarray:
-    """Binary masks {0, 1} [N, H, W] (1 = cell) from 0/255 PNGs."""
-    return np.stack([(read_grey(p) > 127).astype(np.uint8) for p in paths])
+    """Binary masks {0, 1} [N, H, W] (1 = cell) from 0/255 PNGs of one size."""
+    return np.stack(read_mask_frames(paths))
 
 
-def native_scores(cell_prob: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Scores of probabilities [N, H, W] against binary masks [N, H, W] at native size.
+def read_mask_frames(paths: Sequence[Path | str]) -> list[np.ndarray]:
+    """Binary masks {0, 1} [H, W] (1 = cell) from 0/255 PNGs, one per path, of any sizes."""
+    return [(read_grey(p) > 127).astype(np.uint8) for p in paths]
+
+
+def _frames(name: str, frames: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    out = [np.asarray(f) for f in frames]
+    if not out or any(f.ndim != 2 for f in out):
+        raise ValueError(f"expected {name} as frames [N, H, W] or a list of [H, W], got "
+                         f"{[f.shape for f in out][:4]}")
+    return out
+
+
+def _mean_over_frames(score: Callable[[np.ndarray, np.ndarray], dict[str, Any]], probs: list[np.ndarray],
+                      masks: list[np.ndarray]) -> dict[str, Any]:
+    """``score`` (:func:`unet.metrics.segmentation_scores` or the filled version: frame means per
+    threshold, the best threshold) of frames of any sizes: frames of one size are scored as one stack,
+    as ever; otherwise each size's stack, and the per-threshold means are combined weighted by the
+    number of frames (the mean over all frames) before the best threshold is picked (ties: the first)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(probs):
+        groups.setdefault(p.shape, []).append(i)
+    if len(groups) == 1:
+        return score(np.stack(probs), np.stack(masks))
+    parts = [(len(ix), score(np.stack([probs[i] for i in ix]), np.stack([masks[i] for i in ix])))
+             for ix in groups.values()]
+    thresholds = list(parts[0][1]["per_threshold"])
+    per_threshold = {t: {k: sum(n * part["per_threshold"][t][k] for n, part in parts) / len(probs)
+                         for k in ("v_rand", "v_info")} for t in thresholds}
+    best_rand = max(thresholds, key=lambda t: per_threshold[t]["v_rand"])
+    best_info = max(thresholds, key=lambda t: per_threshold[t]["v_info"])
+    return {"v_rand": per_threshold[best_rand]["v_rand"], "v_rand_threshold": best_rand,
+            "v_info": per_threshold[best_info]["v_info"], "v_info_threshold": best_info,
+            "per_threshold": per_threshold}
+
+
+def native_scores(cell_prob: np.ndarray | Sequence[np.ndarray], target: np.ndarray | Sequence[np.ndarray],
+                  threshold: float = 0.5) -> dict[str, float]:
+    """Scores of probabilities against binary masks at native size: [N, H, W] stacks, or lists of
+    frames [H_i, W_i] of any sizes (each probability frame the size of its mask).
 
     Keys: acc, iou, dice, sens, spec (the case's per-image means, prediction ``>= threshold``),
     cell_* and membrane_* (dataset-level confusion scores), balanced_accuracy, v_rand, v_info and
@@ -33,18 +74,20 @@ def native_scores(cell_prob: np.ndarray, target: np.ndarray, threshold: float = 
     their thresholds (the same components grown over the membrane pixels, our post-processing:
     :mod:`unet.segment`).
     """
-    if cell_prob.shape != target.shape or cell_prob.ndim != 3:
-        raise ValueError(f"expected probabilities and masks of one shape [N, H, W], got "
-                         f"{cell_prob.shape} and {target.shape}")
-    pred = (cell_prob >= threshold).astype(np.uint8)
-    per_image = [case_scores(p, t) for p, t in zip(pred, target)]
+    probs, masks = _frames("probabilities", cell_prob), _frames("masks", target)
+    if len(probs) != len(masks) or any(p.shape != m.shape for p, m in zip(probs, masks)):
+        raise ValueError(f"expected probabilities and masks of one shape, frame for frame, got "
+                         f"{len(probs)} frames {[p.shape for p in probs][:3]} and {len(masks)} frames "
+                         f"{[m.shape for m in masks][:3]}")
+    pred = [(p >= threshold).astype(np.uint8) for p in probs]
+    per_image = [case_scores(p, t) for p, t in zip(pred, masks)]
     out = {m: float(np.mean([s[m] for s in per_image])) for m in CASE_METRICS}
-    counts = sum((confusion_counts(p, t) for p, t in zip(pred, target)), ConfusionCounts())
+    counts = sum((confusion_counts(p, t) for p, t in zip(pred, masks)), ConfusionCounts())
     dataset_level = confusion_scores(counts)
     out.update({k: v for k, v in dataset_level.items() if k != "acc"})
-    seg = segmentation_scores(cell_prob, target)
+    seg = _mean_over_frames(segmentation_scores, probs, masks)
     out.update({k: float(seg[k]) for k in ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")})
-    filled = filled_segmentation_scores(cell_prob, target)
+    filled = _mean_over_frames(filled_segmentation_scores, probs, masks)
     out.update({"v_rand_filled": filled["v_rand"], "v_rand_filled_threshold": filled["v_rand_threshold"],
                 "v_info_filled": filled["v_info"], "v_info_filled_threshold": filled["v_info_threshold"]})
     return out

@@ -1,5 +1,9 @@
 """Read ISBI-style TIFF stacks into uint8 frames, validate image/label pairs, write PNG frames.
 
+:func:`extract_pairs` is the extract stage: any number of (image, labels, kind) pairs, each a TIFF
+stack, a folder of frames or a Zarr array, their labels converted to cell masks by their declared
+kind (:mod:`unet.labels`), plus an optional test volume.
+
 Every reader returns uint8 ``(N, H, W)``. Conversions (16-bit, float, RGB, 1-bit) are noted on this
 module's logger, naming the file. Unreadable or unsuitable files raise ``FileNotFoundError`` or
 ``ValueError`` with a one-line message that starts with the path; nothing from inside tifffile leaks.
@@ -17,7 +21,10 @@ from typing import Any, Union
 
 import cv2
 import numpy as np
+import pandas as pd
 import tifffile
+
+from unet.labels import DEFAULT_MEMBRANE_WIDTH, cell_masks
 
 logger = logging.getLogger(__name__)
 
@@ -286,14 +293,47 @@ def _format_values(values: np.ndarray, limit: int = 8) -> str:
     return f"[{shown}{more}"
 
 
-def read_labels(path: PathLike) -> np.ndarray:
-    """A binary label stack as uint8 (N, H, W) in {0, 255}; 0/1 labels are mapped to 0/255."""
-    array, path = _read_stack(path)
+def _single_channel(array: np.ndarray, path: PathLike) -> np.ndarray:
+    """Label frames (N, H, W), or (N, H, W, C) colour ones with equal channels, as (N, H, W)."""
     if array.ndim == 4:
         if not _equal_channels(array):
             raise ValueError(f"{path}: labels are colour frames with differing channels, "
-                             "expected single-channel binary labels (0/255 or 0/1)")
-        array = array[..., 0]
+                             "expected single-channel labels")
+        array = np.ascontiguousarray(array[..., 0])
+    return array
+
+
+def read_label_values(path: PathLike) -> np.ndarray:
+    """The stored values of a label volume (N, H, W), unconverted: a TIFF stack (read as
+    :func:`read_labels` reads it), a folder of frames or a Zarr array (:mod:`unet.volume_io`)."""
+    path = Path(path)
+    if path.is_dir():
+        from unet.volume_io import open_volume
+
+        volume = open_volume(path)
+        _, h, w = volume.shape
+        array = np.stack([np.asarray(volume.raw(z, 0, h, 0, w)) for z in range(volume.shape[0])])
+    else:
+        array, path = _read_stack(path)
+    return _single_channel(array, path)
+
+
+def read_image_volume(path: PathLike) -> np.ndarray:
+    """uint8 (N, H, W) frames of a TIFF stack (:func:`read_volume`), a folder of PNG/TIFF frames
+    or a Zarr / OME-Zarr array (:func:`unet.volume_io.open_volume`, converted the same way)."""
+    path = Path(path)
+    if not path.is_dir():
+        return read_volume(path)
+    from unet.volume_io import open_volume, scan
+
+    volume = scan(open_volume(path))
+    return np.stack([volume.section(z) for z in range(volume.shape[0])])
+
+
+def read_labels(path: PathLike) -> np.ndarray:
+    """A binary label stack as uint8 (N, H, W) in {0, 255}; 0/1 labels are mapped to 0/255."""
+    array, path = _read_stack(path)
+    array = _single_channel(array, path)
     values = _distinct_values(array)
     as_set = set(values.tolist())
     top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.unsignedinteger) else 255
@@ -301,8 +341,10 @@ def read_labels(path: PathLike) -> np.ndarray:
         logger.info("%s: labels 0/%d mapped to 0/255", path, top)
         as_set = {0, 255}
     if not (as_set <= {0, 255} or as_set <= {0, 1}):
+        hint = ("; if these are instance ids (one integer per cell), declare the labels kind instances"
+                if np.issubdtype(array.dtype, np.integer) and len(values) > 2 else "")
         raise ValueError(f"{path}: labels must be binary (0/255 or 0/1), "
-                         f"found values {_format_values(values)}")
+                         f"found values {_format_values(values)}{hint}")
     if as_set & {1} and not as_set & {255}:
         logger.info("%s: labels 0/1 mapped to 0/255", path)
     return np.where(array != 0, np.uint8(255), np.uint8(0))
@@ -329,19 +371,21 @@ def _write_png(frame: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_frames(volume: np.ndarray, out_dir: PathLike) -> list[Path]:
-    """One PNG per frame (00000.png, 00001.png, ...) in ``out_dir``; stale numbered frames removed."""
+def write_frames(volume: np.ndarray, out_dir: PathLike, prefix: str = "") -> list[Path]:
+    """One PNG per frame (00000.png, 00001.png, ..., after ``prefix``) in ``out_dir``; stale
+    numbered frames of the same prefix removed."""
     if volume.ndim != 3 or volume.dtype != np.uint8:
         raise ValueError(f"volume must be uint8 (N, H, W), got {volume.dtype} {tuple(volume.shape)}")
     if not 0 < len(volume) <= MAX_FRAMES:
         raise ValueError(f"volume has {len(volume)} frames, expected 1..{MAX_FRAMES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{i:05d}.png" for i in range(len(volume))]
+    paths = [out / f"{prefix}{i:05d}.png" for i in range(len(volume))]
     for frame, path in zip(volume, paths):
         _write_png(np.ascontiguousarray(frame), path)
     keep = {p.name for p in paths}
-    stale = sorted(p for p in out.iterdir() if FRAME_NAME.match(p.name) and p.name not in keep)
+    numbered = FRAME_NAME if not prefix else re.compile(rf"^{re.escape(prefix)}\d{{5}}\.png$")
+    stale = sorted(p for p in out.iterdir() if numbered.match(p.name) and p.name not in keep)
     for p in stale:
         p.unlink()
     if stale:
@@ -349,23 +393,62 @@ def write_frames(volume: np.ndarray, out_dir: PathLike) -> list[Path]:
     return paths
 
 
-def extract_volumes(train_volume: PathLike, train_labels: PathLike, test_volume: PathLike,
-                    out_dir: PathLike) -> dict[str, Any]:
-    """Validate the three stacks, then write out_dir/images, out_dir/masks and out_dir/test PNGs."""
-    images = read_volume(train_volume)
-    masks = read_labels(train_labels)
-    check_pair(images, masks, train_volume, train_labels)
-    test = read_volume(test_volume)
-    if test.shape[1:] != images.shape[1:]:
-        logger.info("%s frames are %dx%d, training frames are %dx%d", test_volume,
-                    *test.shape[1:], *images.shape[1:])
+def volume_prefix(index: int, count: int) -> str:
+    """The frame-name prefix of the ``index``-th of ``count`` labelled volumes: none for a single
+    volume (``00000.png``, as ever), else ``v0-``, ``v1-``... zero-padded so names sort by volume."""
+    return "" if count == 1 else f"v{index:0{len(str(count - 1))}d}-"
+
+
+def read_pair(pair: dict[str, Any], membrane_width: int = DEFAULT_MEMBRANE_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 frames and cell masks (255 = cell) of one ``{"image", "labels", "kind"}`` pair,
+    checked to match in frame count and size."""
+    images = read_image_volume(pair["image"])
+    masks = cell_masks(read_label_values(pair["labels"]), pair["kind"], pair["labels"], membrane_width)
+    check_pair(images, masks, pair["image"], pair["labels"])
+    return images, masks
+
+
+FRAMES_CSV = "frames.csv"  # frame, volume, index, image, labels, kind: where each extracted frame comes from
+
+
+def extract_pairs(pairs: list[dict[str, Any]], test_volume: PathLike | None, out_dir: PathLike,
+                  membrane_width: int = DEFAULT_MEMBRANE_WIDTH) -> dict[str, Any]:
+    """Validate every (image, labels, kind) pair and the optional test volume, then write
+    out_dir/images, out_dir/masks (255 = cell, converted from each pair's labels kind), out_dir/test
+    PNGs and out_dir/frames.csv (each labelled frame's source volume and index in it)."""
+    if not pairs:
+        raise ValueError("no (image, labels) pairs to extract")
+    volumes = [read_pair(pair, membrane_width) for pair in pairs]
+    test = None if test_volume is None else read_volume(test_volume)
     out = Path(out_dir)
-    write_frames(images, out / "images")
-    write_frames(masks, out / "masks")
-    write_frames(test, out / "test")
+    rows, described = [], []
+    for k, (pair, (images, masks)) in enumerate(zip(pairs, volumes)):
+        prefix = volume_prefix(k, len(pairs))
+        names = [p.stem for p in write_frames(images, out / "images", prefix)]
+        write_frames(masks, out / "masks", prefix)
+        rows += [{"frame": name, "volume": k, "index": i, "image": str(pair["image"]),
+                  "labels": str(pair["labels"]), "kind": pair["kind"]} for i, name in enumerate(names)]
+        described.append({"image": str(pair["image"]), "labels": str(pair["labels"]), "kind": pair["kind"],
+                          "frames": int(len(images)), "frame_shape": [int(images.shape[1]), int(images.shape[2])],
+                          "prefix": prefix})
+    if test is not None:
+        write_frames(test, out / "test")
+    else:
+        (out / "test").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["frame", "volume", "index", "image", "labels", "kind"]).to_csv(
+        out / FRAMES_CSV, index=False)
     return {
-        "train_frames": int(len(images)),
-        "test_frames": int(len(test)),
-        "frame_shape": [int(images.shape[1]), int(images.shape[2])],
-        "test_frame_shape": [int(test.shape[1]), int(test.shape[2])],
+        "train_frames": len(rows),
+        "test_frames": 0 if test is None else int(len(test)),
+        "frame_shape": described[0]["frame_shape"],
+        "test_frame_shape": None if test is None else [int(test.shape[1]), int(test.shape[2])],
+        "volumes": described,
+        "membrane_width": membrane_width,
     }
+
+
+def extract_volumes(train_volume: PathLike, train_labels: PathLike, test_volume: PathLike | None,
+                    out_dir: PathLike, labels_kind: str = "membrane") -> dict[str, Any]:
+    """:func:`extract_pairs` of one stack and its labels (ISBI: binary ``membrane`` labels)."""
+    return extract_pairs([{"image": train_volume, "labels": train_labels, "kind": labels_kind}], test_volume,
+                         out_dir)

@@ -2,7 +2,12 @@
 
 Layout written by :func:`split_dataset` under ``out_dir``: ``train/image``, ``train/mask``,
 ``val/image``, ``val/mask``, ``test_imgs`` (frames keep their names, e.g. ``00003.png``) and
-``split.csv`` (frame_id, subset, image, mask; paths relative to ``out_dir``).
+``split.csv`` (frame_id, subset, image, mask; paths relative to ``out_dir``; volume and index: the
+labelled volume each frame comes from, as the extract stage's ``frames.csv`` lists it, and its index
+in that volume; test frames are volume ``test``).
+
+Several volumes: ``every_third`` applies per volume (frames 0, 3, 6... of each volume to val);
+``random`` draws a third of all labelled frames.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 MODES = ("every_third", "random")
 SPLIT_CSV = "split.csv"
-SPLIT_COLUMNS = ["frame_id", "subset", "image", "mask"]
+SPLIT_COLUMNS = ["frame_id", "subset", "image", "mask", "volume", "index"]
+FRAMES_CSV = "frames.csv"  # written by unet.frames.extract_pairs
 LAYOUT = {  # (subset, kind) -> folder under out_dir
     ("train", "image"): "train/image",
     ("train", "mask"): "train/mask",
@@ -82,22 +88,57 @@ def assign_subsets(frame_ids: Sequence[str], mode: str = "every_third",
     return {i: "val" if i in val else "train" for i in ids}
 
 
-def _rows(pairs: list[tuple[str, Path, Path]], tests: dict[str, Path],
-          subsets: dict[str, str]) -> list[tuple[str, str, Path, Path | None]]:
-    """(frame_id, subset, source image, source mask or None) for every output frame."""
-    rows: list[tuple[str, str, Path, Path | None]] = [
-        (stem, subsets[stem], image, mask) for stem, image, mask in pairs
+def assign_by_volume(volumes: dict[str, str], mode: str = "every_third", seed: int = 0) -> dict[str, str]:
+    """``{frame_id: "train" | "val"}`` for frames of several volumes (``{frame_id: volume}``):
+    ``every_third`` applies :func:`assign_subsets`' rule per volume (frames sorted by id within
+    each), ``random`` draws from all frames at once; a single volume splits as
+    :func:`assign_subsets`. ValueError when train or val would be empty."""
+    if mode not in MODES:
+        raise ValueError(f"unknown split mode {mode!r}; expected one of {list(MODES)}")
+    if len(volumes) < 3:
+        raise ValueError(f"need at least 3 labelled frames for a 2:1 train/val split, got {len(volumes)}")
+    if mode == "random" or len(set(volumes.values())) == 1:
+        return assign_subsets(list(volumes), mode=mode, seed=seed)
+    subsets = {}
+    for volume in sorted(set(volumes.values())):
+        ids = sorted(i for i, v in volumes.items() if v == volume)
+        subsets.update({frame: "val" if k % 3 == 0 else "train" for k, frame in enumerate(ids)})
+    if "train" not in subsets.values():
+        raise ValueError(f"every third frame of each volume goes to val, which leaves no frame to train on with "
+                         f"volumes of {sorted(set(volumes.values()))} of 1 frame each; use the random split")
+    return subsets
+
+
+def _volumes(frames: Path, stems: list[str]) -> dict[str, tuple[str, str]]:
+    """``{frame_id: (volume, index)}`` from the extract stage's frames.csv; without one (frames
+    extracted before it existed, or laid out by hand), one volume indexed in name order."""
+    listing = frames / FRAMES_CSV
+    if not listing.is_file():
+        return {stem: ("0", str(i)) for i, stem in enumerate(sorted(stems))}
+    table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    found = dict(zip(table["frame"], zip(table["volume"], table["index"])))
+    unlisted = sorted(set(stems) - found.keys())
+    if unlisted:
+        raise ValueError(f"{listing}: frames {_listed(unlisted)} are not listed")
+    return {stem: found[stem] for stem in stems}
+
+
+def _rows(pairs: list[tuple[str, Path, Path]], tests: dict[str, Path], subsets: dict[str, str],
+          sources: dict[str, tuple[str, str]]) -> list[tuple[str, str, Path, Path | None, str, str]]:
+    """(frame_id, subset, source image, source mask or None, volume, index) for every output frame."""
+    rows: list[tuple[str, str, Path, Path | None, str, str]] = [
+        (stem, subsets[stem], image, mask, *sources[stem]) for stem, image, mask in pairs
     ]
-    rows += [(stem, "test", image, None) for stem, image in sorted(tests.items())]
+    rows += [(stem, "test", image, None, "test", str(i)) for i, (stem, image) in enumerate(sorted(tests.items()))]
     return rows
 
 
-def _copy_rows(rows: list[tuple[str, str, Path, Path | None]], root: Path) -> pd.DataFrame:
+def _copy_rows(rows: list[tuple[str, str, Path, Path | None, str, str]], root: Path) -> pd.DataFrame:
     """Copy every row's files under ``root`` and return the split table (relative paths)."""
     for folder in set(LAYOUT.values()):
         (root / folder).mkdir(parents=True, exist_ok=True)
     records = []
-    for frame_id, subset, image, mask in rows:
+    for frame_id, subset, image, mask, volume, index in rows:
         image_rel = f"{LAYOUT[(subset, 'image')]}/{image.name}"
         shutil.copy2(image, root / image_rel)
         mask_rel = ""
@@ -105,7 +146,7 @@ def _copy_rows(rows: list[tuple[str, str, Path, Path | None]], root: Path) -> pd
             mask_rel = f"{LAYOUT[(subset, 'mask')]}/{mask.name}"
             shutil.copy2(mask, root / mask_rel)
         records.append({"frame_id": frame_id, "subset": subset, "image": image_rel,
-                        "mask": mask_rel})
+                        "mask": mask_rel, "volume": volume, "index": index})
     table = pd.DataFrame.from_records(records, columns=SPLIT_COLUMNS)
     return table.sort_values(["subset", "frame_id"], kind="stable").reset_index(drop=True)
 
@@ -129,9 +170,10 @@ def split_dataset(frames_dir: PathLike, out_dir: PathLike, mode: str = "every_th
     pairs = pair_by_stem(frames / "images", frames / "masks")
     tests = _png_by_stem(frames / "test")
     if not tests:
-        logger.warning("%s: no test frames", frames / "test")
-    subsets = assign_subsets([stem for stem, _, _ in pairs], mode=mode, seed=seed)
-    rows = _rows(pairs, tests, subsets)
+        logger.info("%s: no test frames (no test volume)", frames / "test")
+    sources = _volumes(frames, [stem for stem, _, _ in pairs])
+    subsets = assign_by_volume({stem: volume for stem, (volume, _) in sources.items()}, mode=mode, seed=seed)
+    rows = _rows(pairs, tests, subsets, sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Build the whole layout aside, then swap it in: a failed copy leaves the previous split intact
@@ -154,7 +196,10 @@ def read_split(out_dir: PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in SPLIT_COLUMNS if c not in table.columns]
+    missing = [c for c in SPLIT_COLUMNS[:4] if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}, expected {SPLIT_COLUMNS}")
+    if "volume" not in table.columns:  # split before several volumes: one volume, frames in name order
+        table["volume"] = np.where(table["subset"] == "test", "test", "0")
+        table["index"] = table.groupby("volume")["frame_id"].rank(method="first").astype(int).sub(1).astype(str)
     return table[SPLIT_COLUMNS]

@@ -34,7 +34,8 @@ def copy(tmp_path_factory) -> Path:
 # tasks/stage.py is every task's; unet/recipes.py reaches datasets through unet/dataset_check.py
 # (the module the old hand-written list forgot) and evaluate/predict through unet/infer.py;
 # unet/blocks.py is the inference engine of evaluate and predict (unet/infer.py); evaluate imports
-# tasks/train.py (dataset_pairs); the segmentation flow's modules and the command lines are no stage's.
+# tasks/train.py (dataset_pairs); unet/volume_io.py and unet/labels.py are extract's readers and label
+# conversions; the segmentation flow's other modules and the command lines are no stage's.
 EDITS = [
     ("tasks/stage.py", ALL),
     ("unet/__init__.py", ALL),
@@ -47,7 +48,8 @@ EDITS = [
     ("unet/blocks.py", {"evaluate", "predict"}),
     ("unet/backends.py", {"evaluate", "predict"}),
     ("unet/viz.py", {"evaluate", "predict"}),
-    ("unet/volume_io.py", set()),
+    ("unet/volume_io.py", {"extract"}),  # reads training volumes given as folders of frames or Zarr arrays
+    ("unet/labels.py", {"extract"}),
     ("tasks/segment.py", set()),
     ("flows/cli.py", set()),
 ]
