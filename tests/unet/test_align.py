@@ -108,3 +108,68 @@ def test_alignment_round_trips_through_a_dict():
     a = Alignment(dy=-0.5, dx=0.25, mse_before=0.1, mse_after=0.09)
     assert Alignment.from_dict(a.to_dict()) == a
     assert Alignment.from_dict(None).is_zero
+
+
+def test_a_shift_along_one_axis_only_is_not_zero():
+    # Alignment.is_zero decides whether the evaluate stage applies the shift at all
+    assert not Alignment(dy=0.0, dx=-0.25).is_zero and not Alignment(dy=0.5, dx=0.0).is_zero
+    assert Alignment().is_zero
+    a = np.zeros((5, 5), np.float32)
+    a[2, 2] = 1.0
+    assert shift(a, 0.0, 1.0)[2, 3] == pytest.approx(1.0)  # (0, dx) moves too
+    assert shift(a, -1.0, 0.0)[1, 2] == pytest.approx(1.0)
+
+
+def test_from_dict_reads_the_evaluate_stages_record():
+    # metrics.json's alignment carries an extra "applied"; an absent record is no shift
+    a = Alignment.from_dict({"dy": -0.5, "dx": -0.25, "mse_before": 0.2, "mse_after": 0.1, "applied": True})
+    assert a == Alignment(-0.5, -0.25, 0.2, 0.1)
+    assert Alignment.from_dict({"dy": 1.0}) == Alignment(dy=1.0)
+    assert Alignment.from_dict({}) == Alignment()
+
+
+def test_borders_are_mirrored_not_filled_with_zeros():
+    # a zero (membrane) border would add a false membrane along every shifted frame's edge
+    ramp = np.tile(np.arange(6, dtype=np.float32), (4, 1))  # value = column
+    moved = shift(ramp, 0.0, 2.0)  # content moves right: columns 0, 1 come from columns -2, -1
+    np.testing.assert_allclose(moved[:, 2:], ramp[:, :4])
+    np.testing.assert_allclose(moved[:, :2], ramp[:, [2, 1]])  # reflect-101: -1 -> 1, -2 -> 2
+    assert moved.dtype == np.float32
+
+
+def test_image_as_probability_spans_the_10th_to_60th_percentile_of_each_frame(isbi_dir):
+    # the docstring's recipe: blurred grey values, 0 at and below the frame's 10th percentile, 1 at
+    # and above its 60th, bright (cell) high; each frame on its own scale
+    images = tifffile.imread(isbi_dir / "train-volume.tif")[:2].astype(np.float32)
+    images[1] = images[1] * 0.5 + 40  # another contrast: the same map
+    prob = image_as_probability(images)
+    assert prob.shape == images.shape and prob.min() == 0.0 and prob.max() == 1.0
+    for p in prob:
+        assert np.mean(p == 0.0) == pytest.approx(0.10, abs=0.005)
+        assert np.mean(p == 1.0) == pytest.approx(0.40, abs=0.005)
+    blurred = cv2.GaussianBlur(images[0], (0, 0), 1.0)
+    lo, hi = np.percentile(blurred, [10, 60])
+    np.testing.assert_allclose(prob[0], np.clip((blurred - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_without_a_better_shift_the_estimate_is_zero():
+    # ties go to the smaller shift: a prediction that no shift improves is left where it is
+    rng = np.random.default_rng(0)
+    target = (rng.random((2, 24, 24)) < 0.7).astype(np.uint8)
+    flat = np.full(target.shape, 0.7, np.float32)
+    a = estimate_shift(flat, target)
+    assert a.is_zero and a.mse_after == a.mse_before == pytest.approx(np.mean((0.7 - target[:, 3:-3, 3:-3]) ** 2))
+
+
+def test_the_search_stays_within_max_shift_and_on_the_step_grid(labels):
+    labels = labels[:1, :192, :192]  # one corner of a frame is enough here
+    moved = _moved(labels, 1.5, 0.0)
+    a = estimate_shift(moved, labels, max_shift=0.5)  # the true -1.5 is out of reach: the nearest edge
+    assert (a.dy, a.dx) == (-0.5, 0.0)
+    a = estimate_shift(moved, labels, max_shift=1.5, step=0.5)
+    assert (a.dy, a.dx) == (-1.5, 0.0)
+    assert estimate_shift(moved, labels, max_shift=0.0).is_zero  # no search at all
+    with pytest.raises(ValueError, match="step > 0"):
+        estimate_shift(moved, labels, step=0.0)
+    with pytest.raises(ValueError, match="max_shift >= 0"):
+        estimate_shift(moved, labels, max_shift=-0.25)
