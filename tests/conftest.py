@@ -6,8 +6,10 @@ saying how many and how to get the data."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +17,9 @@ ISBI_FILES = ("train-volume.tif", "train-labels.tif", "test-volume.tif")
 LOCAL_DATA = REPO / "datasets" / "ISBI"
 SHARED_DATA = REPO.parent / "shared" / "data" / "isbi2012"
 SKIP_REASON = "ISBI data not found"
+# What the session started (for the check at its end that nothing it started is still running).
+SESSION = {"start": time.time(), "tmp": None}
+LEFTOVER_GRACE_SECONDS = 20  # a run's watchdog stops what is left within ~6 s of the run's end
 
 
 def _has_stacks(folder: Path) -> bool:
@@ -62,3 +67,68 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{skipped} tests skipped: the ISBI 2012 stacks are not in {where}; put train-volume.tif, "
             f"train-labels.tif and test-volume.tif into datasets/ISBI/ (or set ISBI_DATA_DIR to their "
             f"folder) to run them", yellow=True, bold=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmp(tmp_path_factory) -> None:
+    SESSION["tmp"] = str(tmp_path_factory.getbasetemp())
+
+
+def _started_here(proc: psutil.Process, me: int) -> bool:
+    """A process this session started: a descendant of pytest; or, started after the session
+    began, one whose command line names the session's temporary folder, or a Prefect server
+    (uvicorn, ``prefect server``) or run watchdog whose environment names it (a server of another
+    session on this machine is not ours). psutil comes with distributed (pinned)."""
+    try:
+        if proc.pid == me or proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = " ".join(proc.cmdline())
+        if "multiprocessing.resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline:
+            return False  # multiprocessing's helpers of this process: they end with it
+        if any(parent.pid == me for parent in proc.parents()):
+            return True
+        if proc.create_time() < SESSION["start"] or not SESSION["tmp"]:
+            return False
+        if SESSION["tmp"] in cmdline:
+            return True
+        if "uvicorn" in cmdline or "prefect server" in cmdline or "flows/watchdog.py" in cmdline:
+            return any(SESSION["tmp"] in value for value in proc.environ().values())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return False
+
+
+def _leftovers() -> dict[int, str]:
+    me = os.getpid()
+    found = {}
+    for proc in psutil.process_iter():
+        if _started_here(proc, me):
+            try:
+                found[proc.pid] = " ".join(proc.cmdline())[:200]
+            except psutil.Error:
+                continue
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a process it started is still running (a server, a worker, an msrun
+    rank, a pipeline run) LEFTOVER_GRACE_SECONDS after the last test; list and stop them."""
+    deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
+    while (left := _leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} processes started by the tests are still running (now stopped):"]
+    lines += [f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())]
+    if reporter is not None:
+        reporter.ensure_newline()
+        for line in lines:
+            reporter.write_line(line, red=True, bold=True)
+    for pid in left:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -144,16 +144,18 @@ class Pipeline:
                               text=True, timeout=timeout)
 
     def start(self, args: list[str], name: str, wrapper: list[str] | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+              env: dict[str, str] | None = None, new_session: bool = False) -> subprocess.Popen:
         """Start a run with stdout/stderr in ``logs/<name>.out|err`` (read them with ``.output``).
         The run gets the default handling of SIGINT and SIGHUP even where this process ignores them
         (a background job of a non-interactive shell ignores SIGINT, a job under ``nohup`` SIGHUP;
-        children inherit an ignored signal, and the pipeline keeps an ignored signal ignored)."""
+        children inherit an ignored signal, and the pipeline keeps an ignored signal ignored).
+        ``new_session``: the run leads a process group of its own, which ``os.killpg(proc.pid, sig)``
+        signals as a terminal's Ctrl-C or a supervisor would (the run's pid is the group's id)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         out, err = (open(self.logs / f"{name}.{s}", "w") for s in ("out", "err"))
         proc = subprocess.Popen(self.command(args, wrapper), env={**cli_env(self.home), **(env or {})}, cwd=REPO,
                                 stdout=out, stderr=err,
-                                preexec_fn=_default_signals)
+                                preexec_fn=_default_signals, start_new_session=new_session)
         proc.name = name  # type: ignore[attr-defined]
         out.close()
         err.close()

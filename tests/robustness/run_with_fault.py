@@ -7,6 +7,13 @@
   window where nothing has started yet.
 - ``disk-full-in-extract``: the extract stage's sixth frame write fails with ENOSPC, as a
   ``write()`` on a full disk does (an OSError without a file name).
+- ``pause-at``: write the file ``PAUSE_MARKER`` and sleep at the point ``PAUSE_POINT`` (the kill
+  matrix's points, kill_matrix_support.POINTS): ``check`` (as ``pause-in-check``); ``before:STAGE``
+  and ``after:STAGE`` in the flow, around the stage's task; ``mid:STAGE`` inside the stage: extract
+  after 5 frames written, split and datasets once their ``.partial`` folder exists, train in epoch
+  2 (its steps done, its validation running, epoch 1 checkpointed), evaluate after 3 val
+  predictions written, predict after 5 test files written. The sleep is in the thread that runs
+  the stage (the main thread: the flow calls its tasks directly).
 
     FAULT=... python tests/robustness/run_with_fault.py flows/full_pipeline.py ARGS...
 """
@@ -58,6 +65,85 @@ elif FAULT == "disk-full-in-extract":
         write_png(frame, path)
 
     frames._write_png = _write_png
+elif FAULT == "pause-at":
+    marker, point = Path(os.environ["PAUSE_MARKER"]), os.environ["PAUSE_POINT"]
+    where, _, stage = point.partition(":")
+
+    def pause() -> None:
+        marker.write_text(point)
+        time.sleep(3600)
+
+    if point == "check":
+        import flows.cli as cli
+
+        check = cli.check_inputs
+
+        def check_inputs(*args, **kwargs):
+            found = check(*args, **kwargs)
+            pause()
+            return found
+
+        cli.check_inputs = check_inputs
+    elif where in ("before", "after"):
+        import tasks.stage as stage_module
+
+        call = stage_module.call_stage
+
+        def call_stage(task_fn, **kwargs):
+            here = task_fn.fn.__module__.rsplit(".", 1)[-1] == stage  # tasks.extract -> extract
+            if here and where == "before":
+                pause()
+            result = call(task_fn, **kwargs)
+            if here and where == "after":
+                pause()
+            return result
+
+        stage_module.call_stage = call_stage
+    elif point in ("mid:extract", "mid:evaluate", "mid:predict"):
+        import unet.frames as frames
+        import unet.infer as infer
+
+        after = {"extract": 5, "evaluate": 3, "predict": 5}[stage]
+        module, name = (frames, "_write_png") if stage == "extract" else (infer, "_imwrite")
+        write = getattr(module, name)
+
+        def counted_write(*args):
+            write(*args)
+            path = args[-1] if stage == "extract" else args[0]
+            if f"{os.sep}{stage}{os.sep}" in str(path):
+                _count.append(path)
+                if len(_count) == after:
+                    pause()
+
+        setattr(module, name, counted_write)
+    elif point in ("mid:split", "mid:datasets"):
+        import tasks.stage as stage_module
+
+        run = stage_module.run_stage
+
+        def run_stage(policy, build, *args, **kwargs):
+            def paused_build(folder):
+                pause()
+                return build(folder)
+
+            return run(policy, paused_build if policy.stage == stage else build, *args, **kwargs)
+
+        stage_module.run_stage = run_stage
+    elif point == "mid:train":
+        import unet.train as train
+
+        evaluate = train.evaluate_case_metrics
+
+        def evaluate_case_metrics(*args, **kwargs):
+            if sys._getframe(1).f_code.co_name == "train":
+                _count.append(1)
+                if len(_count) == 2:  # epoch 2's validation
+                    pause()
+            return evaluate(*args, **kwargs)
+
+        train.evaluate_case_metrics = evaluate_case_metrics
+    else:
+        raise SystemExit(f"unknown PAUSE_POINT {point!r}")
 else:
     raise SystemExit(f"unknown FAULT {FAULT!r}")
 

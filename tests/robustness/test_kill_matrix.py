@@ -1,0 +1,50 @@
+"""The kill matrix (issue 20; kill_matrix_support.py runs a cell): a run paused at a point gets a
+signal, exits with its code and one clear line, leaves no process behind, and a rerun with the same
+arguments ends with outputs identical to an uninterrupted run's (hashes of the test masks, the
+probabilities and the summary's metrics).
+
+By default a representative slice: before the flow, a SIGKILL as the flow starts (the temporary
+server must not survive), Ctrl-C and SIGKILL in training, SIGTERM between train and evaluate (the
+fault that once left a server running for hours), SIGTERM to the group while predict writes; CI
+(``make test``, marker ci_slice) runs three of them: Ctrl-C and SIGKILL of the process group in
+training, SIGTERM of the run between train and evaluate. ``KILL_MATRIX=all`` runs every cell
+(about 2 runs each; benchmarks/kill_matrix.py prints the table).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from kill_matrix_support import POINTS, SIGNALS, TARGETS, reference_run, run_cell, table
+from robustness_support import Pipeline, new_home, small_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CI_SLICE = [("mid:train", signal.SIGINT, "group"), ("mid:train", signal.SIGKILL, "group"),
+            ("after:train", signal.SIGTERM, "main")]
+SLICE = CI_SLICE + [("check", signal.SIGINT, "group"), ("before:extract", signal.SIGKILL, "main"),
+                    ("mid:train", signal.SIGKILL, "main"), ("mid:predict", signal.SIGTERM, "group")]
+CELLS = list(itertools.product(POINTS, SIGNALS, TARGETS)) if os.environ.get("KILL_MATRIX") == "all" else SLICE
+
+
+@pytest.fixture(scope="module")
+def data(isbi, tmp_path_factory) -> Path:
+    return small_data(tmp_path_factory.mktemp("data"), isbi, frames=15, test=12, side=256)
+
+
+@pytest.fixture(scope="module")
+def reference(data, migrated_db, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("reference")
+    return reference_run(Pipeline(new_home(root / "prefect-home", migrated_db), root / "logs"), data, root / "work")
+
+
+@pytest.mark.parametrize("point,signum,target", [
+    pytest.param(*cell, marks=[pytest.mark.ci_slice] if cell in CI_SLICE else [], id=f"{cell[0]}-{cell[1].name}-{cell[2]}")
+    for cell in CELLS])
+def test_cell(point, signum, target, data, reference, migrated_db, tmp_path):
+    cell = run_cell(tmp_path, migrated_db, data, reference, point, signum, target)
+    assert cell.passed, "\n" + table([cell])
