@@ -1,33 +1,29 @@
-"""Data-parallel training across processes and machines with ``msrun`` (MindSpore on CPU).
+"""Data-parallel training across processes and machines, launched with ``msrun`` (MindSpore on CPU).
 
-Two halves:
+What runs inside a rank (the process group, its collectives, joining the job) is
+:mod:`unet.parallel`; its names are importable from here too. This module starts the ranks:
 
-**Inside a rank** (:func:`init_data_parallel`, :class:`ProcessGroup`): ``mindspore.communication.init``
-and ``set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True)``, after which
-the training step (an ``nn.TrainOneStepCell``) averages the gradients of all ranks with an all-reduce. Every rank builds
-the network after the same ``mindspore.set_seed``, so the weights start and stay identical;
-:func:`unet.train.train` checks that at the start and at the end. The group also carries what
-training needs besides the gradients, all made of MindSpore's CPU all-reduce (sum, float32 only):
-averages (loss, BatchNorm running statistics), an exact gather of float64 rows (per-image
-metrics; sent as 16-bit integer pieces, which a sum with zeros keeps exact) and a broadcast of
-rank 0's parameters (others send zeros; for resuming from a checkpoint only rank 0 has to read).
+**One host** (:func:`launch`): the job (recipe, image/mask pairs, output folder, cluster shape) is
+written to ``<out_dir>/logs/job.json`` and ``msrun`` starts ``python -m unet.msrun_worker <job.json>``
+once per local rank (and once more as its scheduler), with ``--log_dir <out_dir>/logs``: every
+rank's log stays in the output folder (``worker_<rank>.log``, ``scheduler.log``, and ``msrun.log``
+for msrun's own output). A failed rank fails the launch with a ``RuntimeError`` naming the rank and
+its last error line.
 
-**Launching** (:func:`launch`, :func:`join`): the job (recipe, image/mask pairs, output folder,
-cluster shape) is written to ``<out_dir>/logs/job.json`` and ``msrun`` starts
-``python -m unet.msrun_worker <job.json>`` once per local rank (and once more as its scheduler),
-with ``--log_dir <out_dir>/logs``: every rank's log stays in the output folder
-(``worker_<rank>.log``, ``scheduler.log``, and ``msrun.log`` for msrun's own output). A failed
-rank fails the launch with a ``RuntimeError`` naming the rank and its last error line.
-Multi-host: the host with ``node_rank`` 0 calls :func:`launch` with ``nodes > 1`` and a fixed
-``master_port``; every other host runs ``python -m unet.distributed <job.json> --node-rank K``
-(see docs/distributed.md).
+**Several hosts** (:func:`launch` with ``nodes > 1`` on node 0, :func:`join` on the others): node 0
+runs the scheduler at a fixed ``master_port``; every other host runs ``python -m unet.distributed
+<its copy of job.json> --node-rank K [--data-dir <its copy of the split stage folder>]``. The job
+lists the frames relative to their folder, so each host may keep its copy anywhere. A host that
+dies (its ranks stop sending heartbeats) fails node 0's launch, naming the lost rank, about
+``MS_NODE_TIMEOUT`` (30 s) later. msrun and the processes it starts die with the process that
+started them (:func:`die_with_parent`). See docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import ctypes
+import functools
 import json
-import math
 import os
 import re
 import signal
@@ -37,9 +33,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
+# the in-rank half lives in unet.parallel (which unet.train imports); its names stay importable from here
+from unet.parallel import (  # noqa: F401
+    SINGLE, DataParallelGroup, ProcessGroup, init_data_parallel, params_digest, shard_steps)
 
 if TYPE_CHECKING:  # imported lazily: launching must not pay for (or initialise) MindSpore
     from unet.recipes import Recipe
@@ -48,136 +46,10 @@ if TYPE_CHECKING:  # imported lazily: launching must not pay for (or initialise)
 LOG_DIR = "logs"
 JOB_FILE = "job.json"
 MSRUN_EXIT = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+# msrun's scheduler (on node 0) when a rank stops sending heartbeats: its host or process is gone
+TIMED_OUT = re.compile(r"The node: (\d+) is timed out")
+NODE_TIMEOUT = 30  # MindSpore's default of MS_NODE_TIMEOUT, seconds
 ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure))\b(:.*)?$")
-_CHUNK = 1 << 24  # elements per all-reduce call
-
-
-# --------------------------------------------------------------------------- inside a rank
-
-
-class ProcessGroup:
-    """The ranks training together. This base class is the single process (rank 0 of 1), where
-    every collective is the identity; :class:`DataParallelGroup` is the msrun one."""
-
-    rank: int = 0
-    size: int = 1
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        """Element-wise float32 sum of ``x`` over the ranks."""
-        return np.asarray(x, dtype=np.float32)
-
-    def mean(self, value: float) -> float:
-        """The mean of a scalar over the ranks."""
-        return float(self.sum(np.array([value], np.float32))[0]) / self.size
-
-    def gather(self, values: np.ndarray) -> np.ndarray:
-        """Every rank's float64 ``values`` (same shape on each rank), exactly: shape ``[size, *shape]``."""
-        values = np.ascontiguousarray(values, dtype="<f8")
-        if self.size == 1:
-            return values[None].copy()
-        pieces = np.zeros((self.size, values.size * 4), np.float32)  # a float64 is four 16-bit pieces
-        pieces[self.rank] = np.frombuffer(values.tobytes(), "<u2")
-        summed = self.sum(pieces)  # every piece is an integer < 2**16 plus zeros: exact in float32
-        return np.frombuffer(summed.astype("<u2").tobytes(), "<f8").reshape(self.size, *values.shape).copy()
-
-    def broadcast_params(self, params: Iterable) -> None:
-        """Give every rank rank 0's values of ``params`` (mindspore Parameters, float or int)."""
-        if self.size == 1:
-            return
-        params, arrays, flat = _flatten(params)
-        if self.rank != 0:
-            flat[:] = 0.0
-        self._set(params, arrays, self.sum(flat))
-
-    def average_params(self, params: Iterable) -> None:
-        """Replace float ``params`` by their mean over the ranks (BatchNorm running statistics)."""
-        if self.size == 1:
-            return
-        params, arrays, flat = _flatten(params)
-        self._set(params, arrays, self.sum(flat) / self.size)
-
-    def check_same(self, digest: str, what: str) -> None:
-        """RuntimeError unless every rank has the same ``digest`` (a hex string) of ``what``."""
-        if self.size == 1:
-            return
-        mine = np.frombuffer(bytes.fromhex(digest[:32]).ljust(16, b"\0"), "<f8")  # any bytes: gather is exact
-        every = self.gather(mine)
-        differ = [r for r in range(self.size) if every[r].tobytes() != every[0].tobytes()]
-        if differ:
-            raise RuntimeError(f"{what} differ between rank 0 and rank(s) {differ} "
-                               "(every rank must call mindspore.set_seed with the same seed)")
-
-    @staticmethod
-    def _set(params: list, arrays: list[np.ndarray], flat: np.ndarray) -> None:
-        import mindspore as ms
-
-        offset = 0
-        for p, a in zip(params, arrays):
-            value = flat[offset:offset + a.size].reshape(a.shape)
-            offset += a.size
-            if np.issubdtype(a.dtype, np.integer):
-                value = np.rint(value)
-            p.set_data(ms.Tensor(value.astype(a.dtype)))
-
-
-SINGLE = ProcessGroup()
-
-
-class DataParallelGroup(ProcessGroup):
-    """The ranks of an msrun job, after :func:`init_data_parallel`."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        import mindspore.ops as ops
-
-        self.rank, self.size = rank, size
-        self._all_reduce = ops.AllReduce()  # MindSpore's CPU all-reduce: sum, float32/16 only
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        import mindspore as ms
-
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        flat = x.ravel()
-        out = np.empty_like(flat)
-        for start in range(0, flat.size, _CHUNK):  # bounded message size, at most two kernel shapes
-            part = flat[start:start + _CHUNK]
-            out[start:start + part.size] = self._all_reduce(ms.Tensor(part)).asnumpy()
-        return out.reshape(x.shape)
-
-
-def init_data_parallel() -> DataParallelGroup:
-    """Join the msrun job this process was started by; gradients are then averaged over its ranks.
-
-    msrun also runs the worker script as the job's scheduler: for that process ``init()`` runs the
-    scheduler and exits when the job ends, so call this before anything else."""
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-
-    if "MS_ROLE" not in os.environ:
-        raise RuntimeError("init_data_parallel() must run in a process started by msrun (MS_ROLE is not set)")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    init()
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-    return DataParallelGroup(get_rank(), get_group_size())
-
-
-def params_digest(params: Iterable) -> str:
-    """sha256 over the names, shapes, dtypes and values of mindspore Parameters (sorted by name)."""
-    h = hashlib.sha256()
-    for p in sorted(params, key=lambda q: q.name):
-        a = np.ascontiguousarray(p.asnumpy())
-        h.update(f"{p.name}:{a.shape}:{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def shard_steps(steps: int, size: int) -> int:
-    """Optimizer steps per epoch on each of ``size`` ranks for an epoch of ``steps`` single-process
-    batches: the epoch's samples are split between the ranks, rounded up so every frame is seen."""
-    return math.ceil(steps / size)
 
 
 # --------------------------------------------------------------------------- launching
@@ -217,12 +89,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def write_job(recipe: "Recipe", train_pairs: Sequence, val_pairs: Sequence, out_dir: Path, cluster: Cluster,
               resume: bool) -> Path:
-    """``<out_dir>/logs/job.json``: everything a rank needs, with absolute paths."""
+    """``<out_dir>/logs/job.json``: everything a rank needs. The image/mask paths are stored
+    relative to ``data_dir``, the folder holding all of them (the split stage folder), so that a host
+    with its own copy of that folder elsewhere joins with ``--data-dir`` (:func:`job_pairs`)."""
     log_dir = out_dir / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(f).resolve() for pair in (*train_pairs, *val_pairs) for f in pair]
+    data_dir = Path(os.path.commonpath([f.parent for f in files])) if files else out_dir.resolve()
+
+    def relative(pairs: Sequence) -> list[list[str]]:
+        return [[Path(f).resolve().relative_to(data_dir).as_posix() for f in pair] for pair in pairs]
+
     job = {"recipe": recipe.to_dict(), "out_dir": str(out_dir.resolve()), "resume": resume,
-           "train": [[str(Path(i).resolve()), str(Path(m).resolve())] for i, m in train_pairs],
-           "val": [[str(Path(i).resolve()), str(Path(m).resolve())] for i, m in val_pairs],
+           "data_dir": str(data_dir), "train": relative(train_pairs), "val": relative(val_pairs),
            "cluster": {"workers": cluster.workers, "nodes": cluster.nodes, "master_addr": cluster.master_addr,
                        "master_port": cluster.master_port, "timeout": cluster.timeout}}
     path = log_dir / JOB_FILE
@@ -241,10 +120,29 @@ def read_job(path: Path | str) -> dict[str, Any]:
         job = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not a JSON job file ({exc})") from None
-    missing = {"recipe", "out_dir", "resume", "train", "val", "cluster"} - set(job)
+    if not isinstance(job, dict):
+        raise ValueError(f"{path}: not a job file (expected a JSON object)")
+    missing = {"recipe", "out_dir", "resume", "data_dir", "train", "val", "cluster"} - set(job)
     if missing:
         raise ValueError(f"{path}: job file lacks {sorted(missing)}")
     return job
+
+
+def job_pairs(job: dict[str, Any], subset: str, data_dir: Path | str | None = None) -> list[tuple[Path, Path]]:
+    """The (image, mask) paths of ``subset`` ("train" or "val") of ``job``, under ``data_dir``
+    (this host's copy of the job's data folder) or, by default, the folder node 0 used."""
+    root = Path(data_dir if data_dir is not None else job["data_dir"])
+    return [(root / image, root / mask) for image, mask in job[subset]]
+
+
+def check_data(job: dict[str, Any], data_dir: Path | str | None = None) -> None:
+    """FileNotFoundError naming the first image or mask of ``job`` missing under ``data_dir``."""
+    for subset in ("train", "val"):
+        for pair in job_pairs(job, subset, data_dir):
+            for f in pair:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: a {subset} frame of the job is missing (every host needs "
+                                            "its copy of the split stage folder, given as --data-dir)")
 
 
 def rank_file(log_dir: Path, rank: int, kind: str) -> Path:
@@ -271,7 +169,13 @@ def rank_failure(log_dir: Path) -> tuple[int | None, str, Path] | None:
     A rank that raised wrote ``rank_<r>.error`` (the earliest one is the cause: the others fail
     because it left); otherwise the tails of ``worker_<r>.log`` are searched, then the exit code
     msrun logged for a worker that died without a Python error (a signal: the OOM killer sends
-    SIGKILL), then ``scheduler.log``."""
+    SIGKILL), then ``scheduler.log``. A rank the scheduler reports timed out (its host or process
+    died: on another host msrun cannot see it exit) comes first unless it logged an error here: the
+    ranks left behind fail because it is gone."""
+    lost = _timed_out_rank(log_dir)
+    if lost is not None and not rank_file(log_dir, lost, "error").is_file():
+        return lost, (f"lost: no heartbeat from it for {_node_timeout()} s (its host, its msrun or the "
+                      "rank itself died; on another host, see that host's logs)"), log_dir / "scheduler.log"
     errors = sorted(log_dir.glob("rank_*.error"), key=lambda p: p.stat().st_mtime)
     if errors:
         rank = int(errors[0].stem.split("_")[1])
@@ -294,6 +198,23 @@ def rank_failure(log_dir: Path) -> tuple[int | None, str, Path] | None:
     if line:
         return None, line, sched
     return None
+
+
+def _timed_out_rank(log_dir: Path) -> int | None:
+    """The first rank msrun's scheduler reported as timed out, if any (node ids are ranks here)."""
+    try:
+        found = TIMED_OUT.search((log_dir / "scheduler.log").read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def _node_timeout() -> int:
+    """Seconds without a heartbeat after which MindSpore's scheduler gives a rank up (MS_NODE_TIMEOUT)."""
+    try:
+        return int(os.environ.get("MS_NODE_TIMEOUT", NODE_TIMEOUT))
+    except ValueError:
+        return NODE_TIMEOUT
 
 
 def _msrun_worker_exit(log_dir: Path) -> tuple[int | None, int] | None:
@@ -337,8 +258,30 @@ def _msrun_env() -> dict[str, str]:
     return env
 
 
-def run_msrun(job_path: Path, node_rank: int = 0, *, on_poll: Callable[[], None] | None = None,
-              poll_seconds: float = 2.0, grace_seconds: float = 5.0) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Have Linux SIGKILL this process when its parent exits (``prctl(PR_SET_PDEATHSIG)``), and
+    exit at once if the parent is gone already (``parent``: its pid; default: any parent but init).
+    For msrun (started by :func:`run_msrun`) and the processes msrun starts: a SIGKILL of the
+    launching process (the pipeline, ``python -m unet.distributed``) must not leave them running.
+    A no-op on systems other than Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    if _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_msrun(job_path: Path, node_rank: int = 0, *, data_dir: Path | None = None,
+              on_poll: Callable[[], None] | None = None, poll_seconds: float = 2.0, grace_seconds: float = 5.0) -> None:
     """Run this host's part of the job in ``job_path`` with msrun and wait for it; RuntimeError
     naming the failed rank and its last error line when any rank fails.
 
@@ -357,16 +300,22 @@ def run_msrun(job_path: Path, node_rank: int = 0, *, on_poll: Callable[[], None]
     for r in mine:  # stale files of an earlier attempt (node 0 starts the job: all of them)
         for kind in ("json", "error", "pid"):
             rank_file(log_dir, r, kind).unlink(missing_ok=True)
+        _worker_log(log_dir, r).unlink(missing_ok=True)
+    if node_rank == 0:  # msrun writes it anew, but only seconds later: an old one must not be read as this run's
+        (log_dir / "scheduler.log").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "mindspore.parallel.cluster.run",
            f"--worker_num={cluster.workers}", f"--local_worker_num={cluster.local_workers}",
            f"--master_addr={cluster.master_addr}", f"--master_port={cluster.master_port}",
            f"--node_rank={node_rank}", f"--log_dir={log_dir}", "--join=True",
            f"--cluster_time_out={cluster.timeout}",
            f"--tail_worker_log={cluster.workers}",  # no such rank: do not copy worker logs to msrun.log
-           "python", "-m", "unet.msrun_worker", str(Path(job_path).resolve())]
+           "python", "-m", "unet.msrun_worker", str(Path(job_path).resolve()), f"--node-rank={node_rank}"]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(Path(data_dir).resolve())]
+    _libc()  # loaded before the fork: the child only calls prctl
     with (log_dir / "msrun.log").open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_msrun_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_msrun_env(), start_new_session=True,
+                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
         failed_at = None
         try:
             while proc.poll() is None:
@@ -392,8 +341,8 @@ def run_msrun(job_path: Path, node_rank: int = 0, *, on_poll: Callable[[], None]
 
 
 def _a_rank_failed(log_dir: Path) -> bool:
-    """A rank reported an exception, or msrun saw a worker exit abnormally."""
-    if any(log_dir.glob("rank_*.error")):
+    """A rank reported an exception, msrun saw a worker exit abnormally, or the scheduler lost a rank."""
+    if any(log_dir.glob("rank_*.error")) or _timed_out_rank(log_dir) is not None:
         return True
     try:
         return MSRUN_EXIT.search((log_dir / "msrun.log").read_text(errors="replace")) is not None
@@ -469,9 +418,17 @@ def launch(recipe: "Recipe", train_pairs: Sequence, val_pairs: Sequence, out_dir
                        digests[0], label_shift)
 
 
-def join(job_path: Path | str, node_rank: int) -> None:
-    """Run node ``node_rank``'s ranks of a multi-host job started by :func:`launch` on node 0."""
-    run_msrun(Path(job_path), node_rank)
+def join(job_path: Path | str, node_rank: int, data_dir: Path | str | None = None) -> None:
+    """Run node ``node_rank``'s ranks of a multi-host job started by :func:`launch` on node 0.
+    ``job_path``: this host's copy of node 0's job file (the ranks' logs go beside it);
+    ``data_dir``: this host's copy of the job's data folder, if not at the path node 0 used."""
+    job_path = Path(job_path)
+    job = read_job(job_path)
+    if node_rank < 1:
+        raise ValueError(f"--node-rank must be in 1..{job['cluster']['nodes'] - 1} (node 0 is the launching host), "
+                         f"got {node_rank}")
+    check_data(job, data_dir)
+    run_msrun(job_path, node_rank, data_dir=Path(data_dir) if data_dir is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,24 +436,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m unet.distributed",
         description="Join a multi-host data-parallel training started on node 0: run this host's "
                     "ranks of the job (docs/distributed.md).")
-    p.add_argument("job", help="the job file node 0 wrote: <train stage folder>/logs/job.json")
+    p.add_argument("job", help="this host's copy of the job file node 0 wrote (<train stage folder>/logs/job.json); "
+                               "the ranks' logs go beside it")
     p.add_argument("--node-rank", type=int, required=True, help="this host's index, 1..nodes-1")
+    p.add_argument("--data-dir", help="this host's copy of the split stage folder the job reads "
+                                      "(default: the path it has on node 0)")
     args = p.parse_args(argv)
     try:
-        join(args.job, args.node_rank)
+        join(args.job, args.node_rank, args.data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the ranks are stopped by run_msrun
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _flatten(params: Iterable) -> tuple[list, list[np.ndarray], np.ndarray]:
-    """The parameters, their values, and those values as one float32 vector (for one collective)."""
-    params = list(params)
-    arrays = [p.asnumpy() for p in params]
-    flat = np.concatenate([a.astype(np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
-    return params, arrays, flat

@@ -1,13 +1,17 @@
-"""What msrun runs on every rank: ``python -m unet.msrun_worker <out_dir>/logs/job.json``.
+"""What msrun runs on every rank: ``python -m unet.msrun_worker <out_dir>/logs/job.json [--data-dir DIR]
+[--node-rank K]``.
 
-Joins the job (:func:`unet.distributed.init_data_parallel`; msrun's scheduler process stops
+Dies with msrun (its parent; a SIGKILL of msrun, as when a host goes down, leaves no rank behind),
+joins the job (:func:`unet.parallel.init_data_parallel`; msrun's scheduler process stops
 there), trains by the job's recipe with :func:`unet.train.train` and writes
 ``rank_<r>.json`` (the digest of the rank's weights, its peak memory) next to the job file. An exception is
 written to ``rank_<r>.error`` as one line (the launcher reports it) and ends the rank with exit
-code 1. Started by :func:`unet.distributed.launch` / ``python -m unet.distributed``, not by hand.
+code 1. ``--data-dir``: this host's copy of the job's data folder (default: the folder node 0
+used). Started by :func:`unet.distributed.launch` / ``python -m unet.distributed``, not by hand.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -20,15 +24,23 @@ import unet  # noqa: F401  (sets the oneDNN ISA cap before mindspore loads)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m unet.msrun_worker JOB_JSON (started by msrun)", file=sys.stderr)
-        return 2
-    job_path = Path(argv[0])
-    log_dir = job_path.parent
+    p = argparse.ArgumentParser(prog="python -m unet.msrun_worker", description="a rank of an msrun job "
+                                "(started by msrun, not by hand)")
+    p.add_argument("job")
+    p.add_argument("--data-dir", type=Path, help="this host's copy of the job's data folder")
+    p.add_argument("--node-rank", type=int, default=0, help="the msrun node this process belongs to")
+    args = p.parse_args(argv)
+    log_dir = Path(args.job).parent
 
-    from unet.distributed import init_data_parallel, rank_file
+    from unet.distributed import die_with_parent, job_pairs, rank_file, read_job
+    from unet.parallel import init_data_parallel
 
+    die_with_parent()  # msrun's ranks and scheduler: a killed msrun must not leave them running
+    if os.environ.get("MS_ROLE") == "MS_SCHED" and args.node_rank > 0:
+        # msrun starts a scheduler on every host whose address is the master address; a second
+        # node on the master's host (two nodes on one machine, loopback) must leave it to node 0's
+        print(f"node {args.node_rank}: the job's scheduler runs on node 0; this copy is not needed", flush=True)
+        return 0
     group = init_data_parallel()  # the scheduler process never returns from here
     rank = group.rank
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -36,14 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     rank_file(log_dir, rank, "pid").write_text(str(os.getpid()))
     try:
-        from unet.distributed import read_job
         from unet.recipes import Recipe
         from unet.train import train
 
-        job = read_job(job_path)
-        result = train(Recipe.from_dict(job["recipe"]), [tuple(map(Path, p)) for p in job["train"]],
-                       [tuple(map(Path, p)) for p in job["val"]], Path(job["out_dir"]), resume=job["resume"],
-                       group=group)
+        job = read_job(args.job)
+        result = train(Recipe.from_dict(job["recipe"]), job_pairs(job, "train", args.data_dir),
+                       job_pairs(job, "val", args.data_dir), Path(job["out_dir"]), resume=job["resume"], group=group)
         rank_file(log_dir, rank, "json").write_text(json.dumps(
             {"rank": rank, "size": group.size, "weights_sha256": result.weights_sha256,
              "epochs_run": result.epochs_run, "label_shift": list(result.label_shift),

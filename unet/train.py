@@ -15,7 +15,7 @@ Output folder after ``train(...)``::
     history.csv    one row per epoch: loss, the case's five metrics on train and val, seconds
                    (``train_seconds``: the steps; ``eval_seconds``: the val pass)
 
-Data-parallel (``group`` from :func:`unet.distributed.init_data_parallel`, ranks started by msrun):
+Data-parallel (``group`` from :func:`unet.parallel.init_data_parallel`, ranks started by msrun):
 each rank trains on its shard of every epoch's samples with the gradients averaged over the ranks
 (effective batch ``size * batch_size``, ``ceil(steps / size)`` steps per epoch); the BatchNorm
 running statistics are averaged after each epoch, evaluation is split between the ranks, and only
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from unet.data import SegmentationSource, create_dataset, eval_transforms, train_transforms
-from unet.distributed import SINGLE, ProcessGroup, params_digest, shard_steps
+from unet.parallel import SINGLE, ProcessGroup, params_digest, shard_steps
 from unet.metrics import CASE_METRICS, CaseMetrics, case_scores
 from unet.model import UNet
 from unet.recipes import Recipe

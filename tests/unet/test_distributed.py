@@ -3,7 +3,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import cv2
 import mindspore as ms
@@ -11,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from unet.distributed import (SINGLE, Cluster, ProcessGroup, last_error_line, launch, params_digest,
-                              rank_failure, shard_steps)
+from unet.distributed import (SINGLE, Cluster, ProcessGroup, check_data, job_pairs, last_error_line, launch,
+                              params_digest, rank_failure, read_job, shard_steps, write_job)
 from unet.infer import load_model, predict_frame
 from unet.model import UNet
 from unet.recipes import PRESETS
@@ -249,3 +253,98 @@ def test_rank_killed_by_a_signal_is_named_from_msrun_log(tmp_path):
     rank, line, log = rank_failure(tmp_path)
     assert (rank, log) == (1, tmp_path / "worker_1.log")
     assert line.startswith("killed by SIGKILL (exit code -9)") and "out of memory" in line
+
+
+def test_rank_lost_without_a_trace_is_named_from_the_scheduler_log(tmp_path):
+    # node 1 died (another host): node 0 sees its own rank fail in the all-reduce and the scheduler
+    # report the silent rank; the silent one is the cause
+    (tmp_path / "worker_0.log").write_text("epoch 1/3 loss 0.8\nRuntimeError: Launch kernel failed, name:Default/AllReduce-op0\n")
+    (tmp_path / "rank_0.error").write_text("RuntimeError: Launch kernel failed, name:Default/AllReduce-op0\n")
+    (tmp_path / "scheduler.log").write_text(
+        "[ERROR] DISTRIBUTED(1,7f,python):2026 [meta_server_node.cc:548] UpdateTopoState] The node: 1 is timed out. "
+        "It may exit with exception, please check this node's log.\n")
+    rank, line, log = rank_failure(tmp_path)
+    assert (rank, log) == (1, tmp_path / "scheduler.log")
+    assert line.startswith("lost: no heartbeat from it for 30 s")
+    (tmp_path / "rank_1.error").write_text("ValueError: bad frame\n")  # it did say why, here: that is the cause
+    assert rank_failure(tmp_path)[:2] == (0, "RuntimeError: Launch kernel failed, name:Default/AllReduce-op0")
+
+
+def test_job_lists_frames_relative_to_their_folder_and_another_host_reads_its_copy(tmp_path):
+    split = tmp_path / "node0" / "split"
+    pairs = {}
+    for subset, n in (("train", 2), ("val", 1)):
+        (split / subset).mkdir(parents=True)
+        pairs[subset] = [(split / subset / f"{i}.png", split / subset / f"{i}_mask.png") for i in range(n)]
+        for pair in pairs[subset]:
+            for f in pair:
+                f.write_bytes(b"png")
+    job_path = write_job(PRESETS["smoke"], pairs["train"], pairs["val"], tmp_path / "node0" / "train",
+                         Cluster(2, nodes=2, master_port=29500), resume=True)
+    job = read_job(job_path)
+    assert job["data_dir"] == str(split.resolve()) and job["train"][1] == ["train/1.png", "train/1_mask.png"]
+    assert job_pairs(job, "val") == [(split.resolve() / "val/0.png", split.resolve() / "val/0_mask.png")]
+    check_data(job)
+    copy = tmp_path / "node1" / "split"
+    shutil.copytree(split, copy)
+    assert job_pairs(job, "train", copy)[0] == (copy / "train/0.png", copy / "train/0_mask.png")
+    check_data(job, copy)
+    (copy / "val" / "0_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"node1/split/val/0_mask\.png: a val frame of the job is missing"):
+        check_data(job, copy)
+
+
+def test_join_refuses_node_0_and_missing_frames_with_one_line(tmp_path, capsys):
+    from unet.distributed import main
+
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "a.png").write_bytes(b"png")
+    job_path = write_job(PRESETS["smoke"], [(split / "a.png", split / "a.png")], [], tmp_path / "train",
+                         Cluster(2, nodes=2, master_port=29500), resume=True)
+    assert main([str(job_path), "--node-rank", "0"]) == 1
+    assert capsys.readouterr().err == "error: --node-rank must be in 1..1 (node 0 is the launching host), got 0\n"
+    assert main([str(job_path), "--node-rank", "1", "--data-dir", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nowhere' / 'a.png'}: a train frame") and err.count("\n") == 1
+    assert main([str(tmp_path / "no.json"), "--node-rank", "1"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no.json'}: job file not found\n"
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_process_started_with_die_with_parent_dies_with_its_parent():
+    # the parent starts a child the way run_msrun starts msrun, prints its pid, then waits; SIGKILL
+    # of the parent alone (not its group) must end the child too
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import functools, os, subprocess, sys, time\n"
+        "from unet.distributed import _libc, die_with_parent\n"
+        "_libc()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         preexec_fn=functools.partial(die_with_parent, os.getpid()))\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert running(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child), "the child outlived its SIGKILLed parent"
+
+
+def test_train_does_not_import_the_launcher():
+    # unet.train needs the in-rank half (unet.parallel), unet.distributed launches unet.train's
+    # ranks: no import cycle, and the launcher's code is not part of what evaluation imports
+    from tasks.stage import code_closure
+
+    assert "unet/distributed.py" not in code_closure(("unet/train.py",))
+    assert "unet/parallel.py" in code_closure(("unet/train.py",))
+    assert "unet/train.py" not in code_closure(("unet/parallel.py",))
