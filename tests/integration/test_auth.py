@@ -146,6 +146,15 @@ def test_a_worker_with_the_auth_string_runs_a_deployment(server):
     assert "Unauthorized" not in worker_log and "Unable to connect" not in worker_log, tail(log)
 
 
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.0.1.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
+    ("0.0.0.0", False), ("::", False), ("192.168.1.20", False), ("prefect-host", False)])
+def test_only_loopback_addresses_start_without_the_auth_string(host, loopback):
+    from flows.server import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
 def test_make_server_on_0_0_0_0_without_the_auth_string_refuses_in_one_line(tmp_path):
     env = clean_env(tmp_path)
     port = free_port()
