@@ -294,7 +294,7 @@ def test_job_lists_frames_relative_to_their_folder_and_another_host_reads_its_co
         check_data(job, copy)
 
 
-def test_join_refuses_node_0_and_missing_frames_with_one_line(tmp_path, capsys):
+def test_joining_refuses_the_launching_host_and_missing_frames_with_one_line(tmp_path, capsys):
     from unet.distributed import main
 
     split = tmp_path / "split"
