@@ -100,7 +100,7 @@ def events_socket_reply(api: str, token: str | None) -> str:
             return f"closed {closed.rcvd.code}"
 
 
-@pytest.mark.slow  # with the server's start: minutes on a loaded 2-core machine, ~1 min alone
+@pytest.mark.slow  # with the server's start: minutes on a loaded 2-core machine
 @pytest.mark.ci_slice
 def test_requests_without_the_auth_string_get_401(server):
     auth = server.env["PREFECT_API_AUTH_STRING"]
@@ -115,7 +115,7 @@ def test_requests_without_the_auth_string_get_401(server):
     assert events_socket_reply(server.api, auth) == "auth_success"
 
 
-@pytest.mark.slow  # with the server's start: minutes on a loaded 2-core machine, ~1 min alone
+@pytest.mark.slow  # with the server's start: minutes on a loaded 2-core machine
 @pytest.mark.ci_slice
 def test_a_worker_with_the_auth_string_runs_a_deployment(server):
     """The Python client deploys a one-task flow (in this process: a `prefect deploy` would cost
