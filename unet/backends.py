@@ -145,12 +145,28 @@ def load_model(checkpoint: Path | str, recipe: Recipe):
 
 
 BACKENDS = ("onnxruntime", "mindspore")
+PRECISIONS = ("fp32", "int8")
 
 
-def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "mindspore", threads: int = 0):
+def check_precision(precision: str, backend: str = "onnxruntime") -> None:
+    """ValueError unless ``precision`` is one of :data:`PRECISIONS` and runs on ``backend``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "onnxruntime":
+        raise ValueError(f"precision int8 runs on onnxruntime, not {backend}")
+
+
+def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "mindspore", threads: int = 0,
+                   precision: str = "fp32"):
     """The model of ``checkpoint`` as a :class:`Predictor` on ``backend``: MindSpore (:func:`load_model`)
     or ONNX Runtime (the graph :func:`unet.export.unet_onnx` writes from the checkpoint's weights,
-    ``threads`` intra-op threads, 0 for one per core). The two agree to about 1e-6."""
+    ``threads`` intra-op threads, 0 for one per core). The two agree to about 1e-6. ``precision``
+    int8 needs the model calibrated on its training frames, which an export does
+    (:func:`load_exported`): a checkpoint alone runs in fp32."""
+    check_precision(precision, backend)
+    if precision == "int8":
+        raise ValueError(f"{checkpoint}: int8 needs an export of the model, calibrated on its training frames "
+                         "(flows/export.py); a checkpoint runs in fp32")
     if backend == "mindspore":
         return MindSporePredictor(load_model(checkpoint, recipe))
     if backend == "onnxruntime":
@@ -159,3 +175,11 @@ def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "minds
         load_model(checkpoint, recipe)  # the same checks: the file exists and matches the recipe
         return OnnxPredictor(unet_onnx(checkpoint_weights(checkpoint), recipe), threads)
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def load_exported(folder: Path | str, precision: str = "fp32", threads: int = 0) -> OnnxPredictor:
+    """The export in ``folder`` (flows/export.py: model.json beside the ONNX files) at ``precision``
+    on ONNX Runtime; ValueError when the export has no model of that precision."""
+    from unet.export import model_file
+
+    return OnnxPredictor(model_file(folder, precision), threads)

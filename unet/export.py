@@ -12,7 +12,7 @@ mirrors its input out to them, as the MindSpore network does inside).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -78,6 +78,8 @@ def unet_onnx(weights: Mapping[str, np.ndarray], recipe: Recipe):
     nodes.append(helper.make_node("Conv", [y, const("head.w", weights["head.weight"]),
                                            const("head.b", weights["head.bias"])], ["logit"], kernel_shape=[1, 1]))
     nodes.append(helper.make_node("Sigmoid", ["logit"], ["prob"]))
+    for node in nodes:  # named after their outputs: quantization excludes nodes by name
+        node.name = node.output[0]
     graph = helper.make_graph(
         nodes, f"unet-{recipe.name}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", recipe.in_channels, "H", "W"])],
@@ -90,14 +92,23 @@ def unet_onnx(weights: Mapping[str, np.ndarray], recipe: Recipe):
 
 
 SIDECAR = "model.json"
+INT8_FILE = "model.int8.onnx"
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION = "minmax"  # measured on val scores, benchmarks/precision.py (benchmarks/README.md)
+# Kept in float32: the 1x1 head and the sigmoid. 8-bit logits or probabilities would move in steps
+# of about 1/255 of their range, coarser than the differences the scores resolve.
+FLOAT_NODES = ("logit", "prob")
 
 
-def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, sidecar: dict) -> dict:
-    """``out_dir/model.onnx`` (:func:`unet_onnx`, dynamic batch and size), ``model.mindir``
-    (``mindspore.export``; MindSpore 2.10 exports this network only at a fixed input shape: the
-    recipe's training size for resize recipes, 512 x 512 for native-resolution ones) and, last,
-    ``model.json``: ``sidecar`` plus the files, their sha256 and the input rules. Every file goes
-    through a temporary name, so a reader never sees a half-written export. Returns the sidecar."""
+def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, sidecar: dict,
+                 calibration_frames: Sequence[np.ndarray] = (), calibration: str = CALIBRATION) -> dict:
+    """``out_dir/model.onnx`` (:func:`unet_onnx`, dynamic batch and size), ``model.int8.onnx``
+    (:func:`quantize_int8` calibrated on ``calibration_frames``, the model's training frames as
+    uint8 arrays; none given: no int8 model), ``model.mindir`` (``mindspore.export``; MindSpore 2.10
+    exports this network only at a fixed input shape: the recipe's training size for resize recipes,
+    512 x 512 for native-resolution ones) and, last, ``model.json``: ``sidecar`` plus the files,
+    their sha256 and the input rules. Every file goes through a temporary name, so a reader never
+    sees a half-written export. Returns the sidecar."""
     import hashlib
     import json
     import os
@@ -113,6 +124,12 @@ def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, si
     tmp = out / ".model.onnx.tmp"
     tmp.write_bytes(onnx_model.SerializeToString())
     os.replace(tmp, out / "model.onnx")
+    if calibration_frames:
+        tmp = out / f".{INT8_FILE}.tmp"
+        quantize_int8(out / "model.onnx", tmp, [network_inputs(f, recipe) for f in calibration_frames], calibration)
+        os.replace(tmp, out / INT8_FILE)
+    else:
+        (out / INT8_FILE).unlink(missing_ok=True)  # an older export's: not of these weights
     side = recipe.image_size if recipe.input_mode == "resize" else 512
     shape = [1, recipe.in_channels, side, side]
     ms.export(net, ms.Tensor(np.zeros(shape, np.float32)), file_name=str(out / ".model.tmp"), file_format="MINDIR")
@@ -129,11 +146,97 @@ def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, si
                   "normalization": "uint8 pixels / 255 as float32, the grey frame repeated per channel",
                   "layout": "N, C, H, W", "output": "cell probability [N, 1, H, W] (sigmoid applied)",
                   "resize_to": recipe.image_size if recipe.input_mode == "resize" else None},
-        "files": {"onnx": "model.onnx", "mindir": "model.mindir", "mindir_input_shape": shape},
+        "files": {"onnx": "model.onnx", "onnx_int8": INT8_FILE if calibration_frames else None,
+                  "mindir": "model.mindir", "mindir_input_shape": shape},
+        "int8": {"format": "QDQ", "weights": "int8, per output channel", "activations": "uint8",
+                 "calibration": calibration, "calibration_frames": len(calibration_frames),
+                 "float32_nodes": list(FLOAT_NODES)} if calibration_frames else None,
         "sha256": {"checkpoint": digest(Path(checkpoint)), "onnx": digest(out / "model.onnx"),
+                   **({"onnx_int8": digest(out / INT8_FILE)} if calibration_frames else {}),
                    "mindir": digest(out / "model.mindir")},
     }
     tmp = out / f".{SIDECAR}.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out / SIDECAR)
     return record
+
+
+# ---- int8 ----------------------------------------------------------------------------------------
+
+def network_inputs(frame: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """What the network sees of ``frame`` (uint8 [H, W], or [H, W, sections]) at inference without
+    TTA, as the block engine builds it: float32 [1, C, h, w], h and w mirrored out to multiples of
+    16 (resize recipes: the frame at the training size; crop recipes: the whole frame)."""
+    from unet.blocks import Settings, predict_region
+
+    seen = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch)
+        return np.zeros((len(batch), *batch.shape[-2:]), np.float32)
+
+    predict_region(record, frame, Settings(recipe))
+    (batch,) = seen
+    h, w = batch.shape[-2:]
+    return np.pad(batch, ((0, 0), (0, 0), (0, -h % 16), (0, -w % 16)), mode="reflect")
+
+
+def quantize_int8(onnx_path: Path | str, out_path: Path | str, inputs: list[np.ndarray],
+                  method: str = CALIBRATION) -> None:
+    """Static int8 quantization of the float model ``onnx_path`` into ``out_path`` (ONNX Runtime,
+    QDQ format): weights int8 per output channel, activations uint8 (the fast pair on CPUs with
+    VNNI), activation ranges calibrated on ``inputs`` (:func:`network_inputs` of training frames)
+    by ``method``: ``minmax`` (the observed range), ``entropy`` (the range that keeps the
+    histogram's KL divergence smallest) or ``percentile`` (99.999 % of the values). The head and
+    the sigmoid stay float32 (:data:`FLOAT_NODES`). Calibration goes one frame at a time, so its
+    memory is one frame's activations whatever the number of frames."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(methods)}")
+    if not inputs:
+        raise ValueError("no calibration frames: int8 quantization needs the model's training frames")
+
+    class Frames(CalibrationDataReader):
+        """The inputs one at a time; ``set_range`` selects the slice quantize_static collects next."""
+
+        def __init__(self) -> None:
+            self.set_range(0, len(inputs))
+
+        def __len__(self) -> int:
+            return len(inputs)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pending = iter(inputs[start_index:end_index])
+
+        def get_next(self) -> dict | None:
+            x = next(self.pending, None)
+            return None if x is None else {"x": x}
+
+    quantize_static(str(onnx_path), str(out_path), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                    nodes_to_exclude=list(FLOAT_NODES), extra_options={"CalibStridedMinMax": 1})
+
+
+def model_file(folder: Path | str, precision: str = "fp32") -> Path:
+    """The ONNX file of the export in ``folder`` at ``precision`` (model.json names it); one-line
+    errors for a folder without model.json, an unknown precision or an export without int8."""
+    import json
+
+    from unet.backends import check_precision
+
+    check_precision(precision)
+    sidecar = Path(folder) / SIDECAR
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{sidecar}: not found; expected an export folder of flows/export.py")
+    name = json.loads(sidecar.read_text())["files"].get("onnx" if precision == "fp32" else "onnx_int8")
+    if name is None:
+        raise ValueError(f"{folder}: the export has no int8 model (exported without its training frames, or "
+                         "before int8 existed); export it again with flows/export.py")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the export's {precision} ONNX model is missing")
+    return path
