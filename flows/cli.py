@@ -1,6 +1,7 @@
 """The command line of the main job, ``python flows/full_pipeline.py``: arguments, input checks
-before anything starts, one-line errors, exit codes, and SIGTERM/SIGHUP handling that never leaves
-the temporary Prefect server behind. The flow itself is :func:`flows.full_pipeline.full_pipeline`.
+before anything starts, one-line errors, exit codes, and SIGINT/SIGTERM/SIGHUP handling that never
+leaves the temporary Prefect server behind; a watchdog (flows/watchdog.py) stops what the run started
+even after a SIGKILL. The flow itself is :func:`flows.full_pipeline.full_pipeline`.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import functools
 import logging
 import math
 import os
@@ -15,15 +17,19 @@ import signal
 import sys
 import tempfile
 import threading
+import types
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, resolve_scales, volume_paths
+from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, resolve_scales
+from flows.watchdog import watch_for_orphans
 from tasks.report import format_console
 from tasks.stage import _locked
-from unet.frames import check_pair, read_labels, read_volume
+from unet.data_list import DEFAULT_DATA_DIR, TrainingInputs, check_combination, resolve_inputs
+from unet.frames import read_pair, read_volume, volume_prefix
+from unet.labels import DEFAULT_MEMBRANE_WIDTH, KINDS, check_membrane_width
 from unet.recipes import PRESETS
-from unet.split import assign_subsets
+from unet.split import assign_by_volume
 
 
 # Exit codes of the command line (README: "What to expect").
@@ -31,44 +37,63 @@ EXIT_FAILED = 1        # bad input data, unwritable work directory, disk full, a
 EXIT_USAGE = 2         # invalid command-line arguments or recipe values
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143   # SIGTERM / SIGHUP
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def exit_code(signum: int) -> int:
+    """The exit code after ``signum``: 130 for Ctrl-C (SIGINT), 143 for SIGTERM and SIGHUP."""
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
+
+
+def stopped_by(signum: int) -> str:
+    """How the console says it: ``interrupted`` (Ctrl-C), ``stopped by SIGTERM``, ..."""
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt: Prefect
-    records the run as Crashed, ``finally`` blocks run and the interpreter exits normally, so the
-    temporary Prefect server this process started (stopped by an ``atexit`` hook) does not outlive it."""
+    """Raised in the main thread on SIGINT/SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt:
+    Prefect records the run as Crashed, ``finally`` blocks run and the interpreter exits normally, so
+    the temporary Prefect server this process started (stopped by an ``atexit`` hook) does not
+    outlive it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-def check_inputs(data_dir: str, recipe: dict, split: str = "every_third", split_seed: int = 0) -> dict:
-    """Validate the three stacks exactly as the extract and split stages will, before anything
-    starts: a bad file fails in a second with one line naming it, instead of after the temporary
-    server's start-up, and nothing is written. Returns frame counts and shapes."""
-    paths = volume_paths(data_dir)
-    notes = logging.getLogger("unet.frames")
-    level = notes.level
-    notes.setLevel(logging.ERROR)  # conversion notes are logged once, by the extract stage
+def check_inputs(inputs: TrainingInputs, recipe: dict, split: str = "every_third", split_seed: int = 0,
+                 membrane_width: int = DEFAULT_MEMBRANE_WIDTH) -> dict:
+    """Validate every (image, labels) pair and the test volume exactly as the extract and split
+    stages will, before anything starts: a bad file fails in a second with one line naming it,
+    instead of after the temporary server's start-up, and nothing is written. Returns frame counts
+    and shapes."""
+    notes = [logging.getLogger(name) for name in ("unet.frames", "unet.volume_io")]
+    levels = [logger.level for logger in notes]
+    for logger in notes:
+        logger.setLevel(logging.ERROR)  # conversion notes are logged once, by the extract stage
     try:
-        images = read_volume(paths["train_volume"])
-        labels = read_labels(paths["train_labels"])
-        check_pair(images, labels, paths["train_volume"], paths["train_labels"])
-        test = read_volume(paths["test_volume"])
+        shapes, volumes = [], {}
+        for k, pair in enumerate(inputs.pairs):
+            images, _ = read_pair(pair, membrane_width)
+            h, w = images.shape[1:]
+            if recipe["input_mode"] == "crop" and min(h, w) < recipe["image_size"]:
+                raise ValueError(f"{pair['image']}: frames are {h}x{w}, smaller than the {recipe['image_size']}px "
+                                 f"crops of the {recipe['name']!r} recipe; use a smaller --image-size or a resize "
+                                 f"preset (seed, smoke)")
+            shapes.append([h, w])
+            prefix = volume_prefix(k, len(inputs.pairs))
+            volumes.update({f"{prefix}{i:05d}": str(k) for i in range(len(images))})
+        test = None if inputs.test_volume is None else read_volume(inputs.test_volume)
     finally:
-        notes.setLevel(level)
+        for logger, level in zip(notes, levels):
+            logger.setLevel(level)
     try:
-        assign_subsets([f"{i:05d}" for i in range(len(labels))], mode=split, seed=split_seed)
+        assign_by_volume(volumes, mode=split, seed=split_seed)
     except ValueError as exc:
-        raise ValueError(f"{paths['train_labels']}: {exc}") from None
-    h, w = images.shape[1:]
-    if recipe["input_mode"] == "crop" and min(h, w) < recipe["image_size"]:
-        raise ValueError(f"{paths['train_volume']}: frames are {h}x{w}, smaller than the {recipe['image_size']}px "
-                         f"crops of the {recipe['name']!r} recipe; use a smaller --image-size or a resize "
-                         f"preset (seed, smoke)")
-    return {"train_frames": len(images), "frame_shape": [h, w], "test_frames": len(test),
-            "test_frame_shape": list(test.shape[1:])}
+        raise ValueError(f"{inputs.pairs[-1]['labels']}: {exc}") from None
+    return {"train_frames": len(volumes), "frame_shape": shapes[0], "frame_shapes": shapes,
+            "test_frames": 0 if test is None else len(test),
+            "test_frame_shape": None if test is None else list(test.shape[1:])}
 
 
 def check_work_dir(work_dir: str) -> Path:
@@ -86,23 +111,47 @@ def check_work_dir(work_dir: str) -> Path:
     return work
 
 
+def _server_class() -> type:
+    """Prefect's temporary server, started in a session of its own: a signal to the run's process
+    group (Ctrl-C in a terminal, a supervisor's stop) then reaches the run alone, which reports its
+    end to the server and stops it, instead of the server dying under a run still talking to it
+    (measured before: exit 1 after 149 s of "Connection refused"). Prefect starts the server with
+    ``subprocess.Popen`` in :meth:`_run_uvicorn_command`; this subclass gives that call
+    ``start_new_session=True``. Prefect's ``SubprocessASGIServer()`` returns this instance (one per
+    port, the subclass shares the base class's registry), so the flow uses it."""
+    from prefect.server.api import server as prefect_server
+
+    class OwnSessionServer(prefect_server.SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            real = prefect_server.subprocess
+            prefect_server.subprocess = types.SimpleNamespace(
+                Popen=functools.partial(real.Popen, start_new_session=True))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = real
+
+    return OwnSessionServer
+
+
 def start_temporary_server():
-    """Start Prefect's temporary server now, one process at a time per ``PREFECT_HOME``.
+    """Start Prefect's temporary server now, one process at a time per ``PREFECT_HOME``, in a
+    session of its own (:func:`_server_class`), after :func:`watch_for_orphans`.
 
     Without ``PREFECT_API_URL`` every run starts its own server on ``$PREFECT_HOME/prefect.db``,
     and each server's start-up migrates that database and registers Prefect's block types. Two
     runs starting together race there (the servers log IntegrityError tracebacks; two migrations
     of a new database can fail). Prefect keeps one temporary server per process and the flow uses
-    this one; it is stopped when the process exits. Returns the server (None when a server is
-    configured, ``PREFECT_API_URL``)."""
-    from prefect.server.api.server import SubprocessASGIServer
+    this one; it is stopped when the process exits (an ``atexit`` hook), or by the watchdog when the
+    process is killed. Returns the server (None when a server is configured, ``PREFECT_API_URL``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
+    watch_for_orphans()
     home = Path(PREFECT_HOME.value()).expanduser()
     with _locked(home / ".temporary-server-start.lock"):
-        server = SubprocessASGIServer()
+        server = _server_class()()
         server.start()
     return server
 
@@ -155,18 +204,19 @@ def _console_without_tracebacks() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_exit() -> Iterator[None]:
-    """Before the flow starts nothing needs cleaning up: SIGTERM/SIGHUP end the process at once,
-    with one line (an exception could land inside an import and break the module for good)."""
+    """Before the flow starts nothing needs cleaning up: SIGINT/SIGTERM/SIGHUP end the process at
+    once, with one line and the exit code of :func:`exit_code` (an exception could land inside an
+    import and break the module for good)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def exit_now(signum: int, frame: object) -> None:
-        sys.stderr.write(f"error: stopped by {signal.Signals(signum).name} before the pipeline started\n")
+        sys.stderr.write(f"error: {stopped_by(signum)} before the pipeline started\n")
         sys.stderr.flush()
-        os._exit(128 + signum)
+        os._exit(exit_code(signum))
 
-    previous = {signum: signal.signal(signum, exit_now) for signum in (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, exit_now) for signum in STOP_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
@@ -176,7 +226,7 @@ def _signals_exit() -> Iterator[None]:
 
 
 class _Signals:
-    """What :func:`_signals_raise` saw: the termination signals received."""
+    """What :func:`_signals_raise` saw: the stop signals received, the first one first."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -185,10 +235,17 @@ class _Signals:
         """Stop re-raising: main() has the exception."""
         signal.setitimer(signal.ITIMER_REAL, 0)
 
+    def exit_code(self) -> int:
+        """130 for Ctrl-C (SIGINT) or a KeyboardInterrupt raised without a signal, else 143."""
+        return exit_code(self.received[0]) if self.received else EXIT_INTERRUPTED
+
+    def stopped_by(self) -> str:
+        return stopped_by(self.received[0]) if self.received else "interrupted"
+
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[_Signals]:
-    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the pipeline runs.
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the pipeline runs.
 
     Python's default action kills the process at once: no ``atexit`` hook runs, and the temporary
     Prefect server (a uvicorn child process) is left running. Prefect replaces the SIGTERM handler
@@ -196,7 +253,10 @@ def _signals_raise() -> Iterator[_Signals]:
     this one. Python drops an exception raised inside a weakref callback (the import system uses
     them) and library code may wrap it in another (pydantic does, in a serializer): the exception
     is raised again every 2 s until ``main`` has it, and ``received`` tells ``main`` what really
-    happened. A signal that is ignored (``nohup``) stays ignored."""
+    happened: the first signal decides the exit code and the line (Prefect re-sends SIGTERM to its
+    process after a flow it ended). MindSpore turns a SIGINT into a SIGTERM once it has run a graph,
+    unless the process forwards SIGINT (flows/sigint.py, as ``python flows/full_pipeline.py`` does).
+    A signal that is ignored (``nohup``) stays ignored."""
     signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
         yield signals
@@ -212,7 +272,7 @@ def _signals_raise() -> Iterator[_Signals]:
         raise Terminated(signum)
 
     previous: dict[int, Callable | int | None] = {signal.SIGALRM: signal.getsignal(signal.SIGALRM)}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, raise_terminated)
     try:
@@ -259,17 +319,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
+def _membrane_width(text: str) -> int:
+    """An argparse type: an even number of pixels >= 2."""
+    try:
+        return check_membrane_width(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an even number of pixels >= 2, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python flows/full_pipeline.py",
-        description="Train, evaluate and apply a UNet to the ISBI 2012 EM stacks (cached Prefect pipeline).",
+        description="Train, evaluate and apply a UNet to labelled EM volumes: an ISBI 2012 folder (--data-dir), "
+                    "a volume and its labels (--train-volume, --train-labels) or a data list of them (--data-list) "
+                    "(cached Prefect pipeline).",
         epilog="Presets: " + "; ".join(f"{k}: {v.base_channels}-channel UNet, {v.image_size}px "
                                        f"{v.input_mode}, {v.epochs} epochs" for k, v in PRESETS.items())
                + ". Exit codes: 0 done, 1 failed (bad input, disk full, ...), 2 invalid arguments, "
                  "130 interrupted, 143 terminated.",
         formatter_class=_DefaultsHelp)
-    p.add_argument("--data-dir", default="datasets/ISBI",
-                   help="folder with train-volume.tif, train-labels.tif, test-volume.tif")
+    p.add_argument("--data-dir", help=f"folder with train-volume.tif, train-labels.tif (membrane labels), "
+                                      f"test-volume.tif, as ISBI 2012 (default: {DEFAULT_DATA_DIR}, when neither "
+                                      f"--train-volume nor --data-list is given)")
+    p.add_argument("--train-volume", metavar="PATH",
+                   help="the training images: a TIFF stack, a folder of PNG/TIFF frames or a Zarr/OME-Zarr array")
+    p.add_argument("--train-labels", metavar="PATH", help="their labels (same frame count and size), in any of "
+                                                          "those formats; their kind: --labels-kind")
+    p.add_argument("--labels-kind", choices=KINDS,
+                   help="what --train-labels hold: membrane (0 = membrane, other values = cell: ISBI), cells "
+                        "(the inverse), instances (an integer id per cell, 0 = not cell) (default: membrane)")
+    p.add_argument("--data-list", metavar="FILE",
+                   help="a CSV with the columns image,labels,kind, one row per pair (paths relative to the "
+                        "file), to train on several volumes (a .yaml list of such mappings works too)")
+    p.add_argument("--test-volume", metavar="PATH",
+                   help="with --train-volume or --data-list: a volume to predict with the champion; without "
+                        "one the predict stage is skipped")
+    p.add_argument("--membrane-width", type=_membrane_width, default=DEFAULT_MEMBRANE_WIDTH,
+                   help="instance labels: pixels of membrane drawn where two cells touch, half from each "
+                        "(an even number; find_boundaries' own boundary is 2)")
     p.add_argument("--work-dir", default="artifacts", help="where stage folders and run summaries go")
     p.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="training recipe")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's number of epochs")
@@ -301,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=POSITIVE_INT, default=1,
                    help="data-parallel training processes started with msrun (docs/distributed.md)")
     p.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring caches")
+    p.add_argument("--verify", action="store_true",
+                   help="before reusing a stage folder, check every file against the sha256 in its manifest "
+                        "(sizes are always checked); a damaged stage is computed again")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
@@ -315,15 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or an argument error already printed as one line
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     params = {k: v for k, v in vars(args).items() if k != "debug"}
+    data_args = {k: params[k] for k in ("data_dir", "train_volume", "train_labels", "test_volume", "labels_kind",
+                                         "data_list")}
     try:
         recipe = resolve_recipe(args.preset, **{k: params[k] for k in RECIPE_OVERRIDES})
         resolve_scales(args.preset, args.tta_scales)
+        check_combination(**data_args)
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     with _signals_exit():
         try:
-            check_inputs(args.data_dir, recipe, args.split, args.split_seed)
+            check_inputs(resolve_inputs(**data_args), recipe, args.split, args.split_seed, args.membrane_width)
             check_work_dir(args.work_dir)
             # Import MindSpore now, before SIGTERM is turned into an exception: a signal landing in
             # the middle of its import (the train stage imports it lazily) leaves a half-initialised
@@ -344,10 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             signals.settled()
             received = signals.received
             if received or isinstance(exc, (Terminated, KeyboardInterrupt)):
-                how = (f"stopped by {signal.Signals(received[0]).name}" if received else "interrupted")
-                print(f"error: {how}; finished stages are kept and the next run reuses them "
+                print(f"error: {signals.stopped_by()}; finished stages are kept and the next run reuses them "
                       "(training resumes from its last finished epoch)", file=sys.stderr)
-                return EXIT_TERMINATED if received else EXIT_INTERRUPTED
+                return signals.exit_code()
             if args.debug:
                 raise
             print(f"error: {describe(exc)}", file=sys.stderr)
@@ -357,9 +449,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> int:
-    """:func:`main`, then ignore SIGTERM while the interpreter shuts down: shutdown stops the
-    temporary Prefect server (an atexit hook, up to 5 s), and a second SIGTERM must not cut that
-    short and leave the server behind."""
+    """The process's entry point: :func:`watch_for_orphans` first (msrun or a server started under
+    ``PREFECT_API_URL`` die with the run too), :func:`main`, then ignore SIGINT and SIGTERM while the
+    interpreter shuts down: shutdown stops the temporary Prefect server (an atexit hook, up to 5 s),
+    and a second signal must not cut that short."""
+    watch_for_orphans()
     code = main()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_IGN)
     return code

@@ -53,7 +53,7 @@ def binary_foreground(labels: np.ndarray, path: object) -> np.ndarray:
     values = set(np.unique(labels).tolist())
     top = np.iinfo(labels.dtype).max if np.issubdtype(labels.dtype, np.unsignedinteger) else 255
     if not (values <= {0, 255} or values <= {0, 1} or values <= {0, top}):
-        hint = ("; if these are instance ids (one integer per cell), declare the kind instances"
+        hint = ("; if these are instance ids (one integer per cell), declare the labels kind instances"
                 if np.issubdtype(labels.dtype, np.integer) and len(values) > 2 else "")
         raise ValueError(f"{path}: labels must be binary (0/255 or 0/1), found values {_values(labels)}{hint}")
     return labels != 0

@@ -135,7 +135,7 @@ def test_ids_up_to_two_to_the_32_minus_one_are_fine(tmp_path):
 def test_instance_ids_declared_as_membrane_get_a_hint(tmp_path):
     ids = np.repeat(_tiles(32, 32)[None], 3, axis=0).astype(np.uint16)
     with pytest.raises(ValueError, match=r"lab\.tif: labels must be binary \(0/255 or 0/1\), found values "
-                                         r"\[0, 1, 2, 3, 4\]; if these are instance ids .*declare the kind instances"):
+                                         r"\[0, 1, 2, 3, 4\]; if these are instance ids .*declare the labels kind instances"):
         extract_pairs([_pair(tmp_path, ids, kind="membrane")], None, tmp_path / "out")
 
 
