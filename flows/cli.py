@@ -26,7 +26,7 @@ from flows.watchdog import watch_for_orphans
 from tasks.report import format_console
 from tasks.stage import _locked
 from unet.data_list import DEFAULT_DATA_DIR, TrainingInputs, check_combination, resolve_inputs
-from unet.frames import read_pair, read_volume, volume_prefix
+from unet.frames import read_image_volume, read_pair, volume_prefix
 from unet.labels import DEFAULT_MEMBRANE_WIDTH, KINDS, check_membrane_width
 from unet.recipes import PRESETS
 from unet.split import assign_by_volume
@@ -83,7 +83,7 @@ def check_inputs(inputs: TrainingInputs, recipe: dict, split: str = "every_third
             shapes.append([h, w])
             prefix = volume_prefix(k, len(inputs.pairs))
             volumes.update({f"{prefix}{i:05d}": str(k) for i in range(len(images))})
-        test = None if inputs.test_volume is None else read_volume(inputs.test_volume)
+        test = None if inputs.test_volume is None else read_image_volume(inputs.test_volume)
     finally:
         for logger, level in zip(notes, levels):
             logger.setLevel(level)

@@ -419,7 +419,7 @@ def extract_pairs(pairs: list[dict[str, Any]], test_volume: PathLike | None, out
     if not pairs:
         raise ValueError("no (image, labels) pairs to extract")
     volumes = [read_pair(pair, membrane_width) for pair in pairs]
-    test = None if test_volume is None else read_volume(test_volume)
+    test = None if test_volume is None else read_image_volume(test_volume)
     out = Path(out_dir)
     rows, described = [], []
     for k, (pair, (images, masks)) in enumerate(zip(pairs, volumes)):

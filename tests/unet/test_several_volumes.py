@@ -106,3 +106,24 @@ def test_central_crops():
     assert crops.shape == (2, 4, 3)
     np.testing.assert_array_equal(crops[0], a[1:5, 2:5])
     np.testing.assert_array_equal(central_crops([a, a]), np.stack([a, a]))
+
+
+def test_a_zarr_volume_with_a_folder_of_label_frames_and_a_folder_as_test_volume(tmp_path):
+    import cv2
+    import zarr
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (4, 64, 72), dtype=np.uint8)
+    zarr.open_array(str(tmp_path / "em.zarr"), mode="w", shape=images.shape, dtype="uint8")[:] = images
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "test").mkdir()
+    labels = (rng.random((4, 64, 72)) > 0.5).astype(np.uint8)  # kind cells: 1 = membrane
+    for i, (frame, test) in enumerate(zip(labels, images[::-1])):
+        cv2.imwrite(str(tmp_path / "labels" / f"{i:02d}.png"), frame)
+        cv2.imwrite(str(tmp_path / "test" / f"t{i}.png"), test)
+    pair = {"image": str(tmp_path / "em.zarr"), "labels": str(tmp_path / "labels"), "kind": "cells"}
+    info = extract_pairs([pair], str(tmp_path / "test"), tmp_path / "out")
+    assert info["train_frames"] == 4 and info["test_frames"] == 4 and info["test_frame_shape"] == [64, 72]
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "images" / "00002.png"), 0), images[2])
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "masks" / "00002.png"), 0), (1 - labels[2]) * 255)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "test" / "00000.png"), 0), images[3])
