@@ -217,11 +217,12 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def _reusable(final: Path) -> bool:
-    """Whether the finished folder ``final`` is intact; a damaged one is logged."""
-    problem = find_damage(final, _VERIFY.get())
+def _intact(folder: Path | str, then: str) -> bool:
+    """Whether the finished ``folder`` is intact (:func:`find_damage`; hashes too within
+    :func:`verifying`); a damaged one is logged with ``then``, what happens instead."""
+    problem = find_damage(folder, _VERIFY.get())
     if problem:
-        _log().warning("%s: damaged stage folder (%s); computing the stage again", final, problem)
+        _log().warning("%s: damaged stage folder (%s); %s", folder, problem, then)
     return problem is None
 
 
@@ -278,7 +279,7 @@ def run_stage(policy: StagePolicy, build: Callable[[Path], dict], inputs: dict[s
     partial = final.with_name(key + ".partial")
     with _locked(work_dir / ".locks" / f"{policy.stage}-{key}.lock"):
         _remove_stale(final)
-        if is_finished(final) and not inputs.get("refresh") and _reusable(final):
+        if is_finished(final) and not inputs.get("refresh") and _intact(final, "computing the stage again"):
             result = json.loads((final / MANIFEST).read_text())["result"]
         else:
             if partial.exists() and (not resumable or inputs.get("refresh")):
@@ -325,8 +326,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def outputs_exist(result: dict) -> bool:
-    """Whether a (possibly cached) stage result still points at a finished folder."""
-    return isinstance(result, dict) and "output" in result and is_finished(result["output"])
+    """Whether a (possibly cached) stage result still points at a finished folder, and an intact
+    one (a damaged one is logged: not used)."""
+    return (isinstance(result, dict) and "output" in result and is_finished(result["output"])
+            and _intact(result["output"], "not used"))
 
 
 def call_stage(task_fn, *, refresh: bool = False, verify: bool = False, **kwargs) -> tuple[str, float, dict]:
@@ -340,7 +343,7 @@ def call_stage(task_fn, *, refresh: bool = False, verify: bool = False, **kwargs
     with verifying(verify):
         state = task_fn(refresh=refresh, return_state=True, **kwargs)
         result = state.result()
-        if state.name == "Cached" and not (outputs_exist(result) and find_damage(result["output"], verify) is None):
+        if state.name == "Cached" and find_damage(result["output"], verify):  # deleted or damaged since
             # the task runs again: its run_stage logs the damage and recomputes the stage (or finds
             # the folder gone, or reuses it if another run has recomputed it meanwhile)
             state = task_fn.with_options(refresh_cache=True)(refresh=refresh, return_state=True, **kwargs)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tasks.stage import StagePolicy, file_digest, find_damage, is_finished, run_stage, verifying
+from tasks.stage import StagePolicy, file_digest, find_damage, is_finished, outputs_exist, run_stage, verifying
 
 POLICY = StagePolicy(stage="demo", code=("tasks/stage.py",))
 STAGES = ["extract", "split", "datasets", "train", "evaluate", "predict"]
@@ -108,6 +108,16 @@ def test_a_folder_of_an_older_version_is_reused_and_recomputed_under_verify(tmp_
     [line] = warnings()
     assert "written by an older version" in line
     assert "files" in json.loads((folder / "manifest.json").read_text())
+
+
+def test_a_damaged_folder_is_no_output(tmp_path, warnings):
+    """What a champion record is checked with (tasks/promote.py read_champion): a damaged model is
+    not used."""
+    result = run_stage(POLICY, _writer([]), _inputs(tmp_path / "work"))
+    assert outputs_exist(result) and warnings() == []
+    (Path(result["output"]) / "sub" / "data.bin").write_bytes(b"")
+    assert not outputs_exist(result)
+    assert warnings() == [f"{result['output']}: damaged stage folder (sub/data.bin: 0 bytes, expected 10); not used"]
 
 
 # --- a real full disk: a tmpfs of a few pages ---------------------------------------------------
