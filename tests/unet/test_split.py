@@ -178,3 +178,47 @@ def test_split_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="split.csv: file not found"):
         read_split(tmp_path)
+
+
+def test_a_split_table_without_a_column_is_a_clear_error(tmp_path: Path) -> None:
+    # e.g. a split.csv written by hand or by an older layout: name the file and the missing column
+    # instead of a KeyError from pandas
+    (tmp_path / "split.csv").write_text("frame_id,subset,image\n00000,val,val/image/00000.png\n")
+    with pytest.raises(ValueError, match=r"split\.csv: missing columns \['mask'\], expected"):
+        read_split(tmp_path)
+
+
+def test_split_replaces_a_linked_or_stray_layout_entry_and_spares_what_a_link_points_to(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 6)
+    out = tmp_path / "new" / "nested" / "split"  # parents created too
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"not the split's")
+    out.mkdir(parents=True)
+    (out / "train").symlink_to(elsewhere, target_is_directory=True)  # e.g. a folder linked in by hand
+    (out / "val").write_text("a stray file where a layout folder goes")
+    table = split_dataset(frames, out)
+    for subset in ("train", "val"):
+        assert (out / subset).is_dir() and not (out / subset).is_symlink()
+        on_disk = sorted(p.stem for p in (out / subset / "image").iterdir())
+        assert on_disk == sorted(table.loc[table["subset"] == subset, "frame_id"])
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.png"]
+    # the saved table is the documented four columns, nothing else (no pandas index)
+    assert (out / "split.csv").read_text().splitlines()[0] == ",".join(SPLIT_COLUMNS)
+
+
+def test_an_image_without_its_mask_alone_is_an_error_and_other_files_are_ignored(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path, 6)
+    (frames / "images" / "notes.txt").write_text("not a frame")
+    (frames / "masks" / "Thumbs.db").write_bytes(b"\0")
+    (frames / "masks" / "old.png").mkdir()  # a folder, not a frame
+    assert [stem for stem, _, _ in pair_by_stem(frames / "images", frames / "masks")] == [
+        f"{i:05d}" for i in range(6)]
+    cv2.imwrite(str(frames / "images" / "00009.png"), np.zeros((16, 16), np.uint8))  # one side only
+    with pytest.raises(ValueError, match=r"only images 1 \(00009\), only masks 0 \(\)"):
+        pair_by_stem(frames / "images", frames / "masks")
+
+
+def test_repeated_frame_ids_are_named() -> None:
+    with pytest.raises(ValueError, match=r"repeated: \['b', 'd'\]$"):
+        assign_subsets(["a", "b", "b", "c", "d", "d", "e"])
