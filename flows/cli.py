@@ -60,6 +60,9 @@ class Terminated(BaseException):
         super().__init__(signum)
         self.signum = signum
 
+    def __str__(self) -> str:  # Prefect's Crashed state: "... unexpected exception: Terminated: SIGINT"
+        return signal.Signals(self.signum).name
+
 
 def check_inputs(inputs: TrainingInputs, recipe: dict, split: str = "every_third", split_seed: int = 0,
                  membrane_width: int = DEFAULT_MEMBRANE_WIDTH) -> dict:

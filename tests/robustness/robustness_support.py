@@ -139,9 +139,9 @@ class Pipeline:
     def command(self, args: list[str], wrapper: list[str] | None = None) -> list[str]:
         return [sys.executable, *(wrapper or []), str(PIPELINE), *args]
 
-    def run(self, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(args), env=cli_env(self.home), cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
+    def run(self, args: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(args), env={**cli_env(self.home), **(env or {})}, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
 
     def start(self, args: list[str], name: str, wrapper: list[str] | None = None,
               env: dict[str, str] | None = None, new_session: bool = False) -> subprocess.Popen:

@@ -287,18 +287,12 @@ def _signal_when(pipeline, args, name, ready, what, signum: int = signal.SIGTERM
     assert left == {}, f"still running after {signal.Signals(signum).name}: {left}"
 
 
-# The signal goes to the run's process alone (``kill -INT PID``). A real Ctrl-C signals the whole
-# process group, the temporary Prefect server too, which dies first: measured, the run then ends after
-# 149 s with exit code 1 and "error: ConnectError: [Errno 111] Connection refused" (not tested here:
-# it takes minutes to fail).
-@pytest.mark.parametrize("signum", [
-    signal.SIGTERM,
-    signal.SIGHUP,
-    pytest.param(signal.SIGINT, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "measured: SIGINT during training ends the run with 143 and 'error: stopped by SIGTERM' (Prefect "
-        "reports the task Crashed by a termination signal), not the 130 and 'interrupted' of flows/cli.py "
-        "EXIT_INTERRUPTED and the README"))),
-], ids=lambda s: s.name)
+# The signal goes to the run's process alone (``kill -INT PID``); the process group's case (a real Ctrl-C)
+# is in test_no_orphans.py and the kill matrix: the temporary server runs in a session of its own, so
+# it no longer dies first (before: the run ended after 149 s with exit code 1 and "error: ConnectError:
+# [Errno 111] Connection refused"). SIGINT in training: MindSpore's own SIGINT handler turned it into
+# SIGTERM (143, "stopped by SIGTERM") until flows/sigint.py.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_in_training_exits_with_its_code_and_leaves_no_server(signum, data, pipeline, tmp_path):
     work = tmp_path / "work"
     args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS, "--epochs", "40"]
@@ -310,14 +304,7 @@ def test_a_signal_in_training_exits_with_its_code_and_leaves_no_server(signum, d
 # Before the flow starts (flows/cli.py _signals_exit: after the argument and input checks, while
 # MindSpore is imported) a signal ends the process at once. run_with_fault.py pauses the run right
 # after its input checks, so the signal lands in that window every time.
-@pytest.mark.parametrize("signum", [
-    signal.SIGTERM,
-    pytest.param(signal.SIGHUP, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "flows/cli.py _signals_exit exits with 128 + signum: 129 for SIGHUP, not the 143 the README promises"))),
-    pytest.param(signal.SIGINT, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "flows/cli.py _signals_exit handles SIGTERM and SIGHUP only: Ctrl-C raises KeyboardInterrupt out of "
-        "main(), a traceback and death by SIGINT (return code -2), not exit code 130 with one line"))),
-], ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_before_the_flow_starts_exits_with_its_code(signum, data, pipeline, tmp_path):
     work = tmp_path / "work"
     marker = tmp_path / "checked"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kill_matrix_support import ENV
 from robustness_support import REPO, SMOKE, error_lines, processes_using, small_data, wait_for, wait_gone
 
 HERE = Path(__file__).resolve().parent
@@ -145,7 +146,8 @@ def test_sigkill_of_the_run_stops_its_temporary_server(data, pipeline, tmp_path)
     marker = tmp_path / "paused"
     args = ["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), *SMOKE]
     proc = pipeline.start(args, "killed", wrapper=[str(FAULT_RUNNER)], new_session=True,
-                          env={"FAULT": "pause-at", "PAUSE_POINT": "before:extract", "PAUSE_MARKER": str(marker)})
+                          env={**ENV, "FAULT": "pause-at", "PAUSE_POINT": "before:extract",
+                               "PAUSE_MARKER": str(marker)})
     wait_for(marker.exists, proc, 300, "the flow to start")
     assert len(_server_pids(pipeline.home)) == 1, processes_using(pipeline.home)
     proc.kill()
@@ -160,7 +162,8 @@ def test_ctrl_c_in_a_terminal_reaches_the_run_not_its_server(data, pipeline, tmp
     marker = tmp_path / "paused"
     args = ["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), *SMOKE]
     proc = pipeline.start(args, "ctrl-c", wrapper=[str(FAULT_RUNNER)], new_session=True,
-                          env={"FAULT": "pause-at", "PAUSE_POINT": "before:extract", "PAUSE_MARKER": str(marker)})
+                          env={**ENV, "FAULT": "pause-at", "PAUSE_POINT": "before:extract",
+                               "PAUSE_MARKER": str(marker)})
     wait_for(marker.exists, proc, 300, "the flow to start")
     [server] = _server_pids(pipeline.home)
     assert os.getpgid(server) != proc.pid, "the server is in the run's process group"
@@ -180,7 +183,7 @@ def test_sigkill_in_distributed_training_stops_msrun_and_its_ranks(data, pipelin
     without the watchdog."""
     work = tmp_path / "work"
     args = ["--data-dir", str(data), "--work-dir", str(work), *SMOKE, "--epochs", "20", "--workers", "2"]
-    proc = pipeline.start(args, "killed-msrun", new_session=True)
+    proc = pipeline.start(args, "killed-msrun", new_session=True, env=ENV)
 
     def ranks() -> list[int]:
         return [pid for pid, cmd in processes_using(pipeline.home).items() if "unet.msrun_worker" in cmd]
