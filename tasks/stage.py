@@ -143,11 +143,12 @@ class StagePolicy(CachePolicy):
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock: a second run on the same stage and key waits here."""
+def _locked(lock_path: Path, shared: bool = False) -> Iterator[None]:
+    """An exclusive advisory lock: a second run on the same stage and key waits here. ``shared``:
+    any number of shared holders at once, while no one holds it exclusively."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

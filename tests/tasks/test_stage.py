@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tasks.stage import StagePolicy, file_digest, is_finished, outputs_exist, run_stage
+from tasks.stage import StagePolicy, _locked, file_digest, is_finished, outputs_exist, run_stage
 
 POLICY = StagePolicy(stage="demo", code=("tasks/stage.py",), files=("source",))
 
@@ -108,3 +108,20 @@ def test_concurrent_runs_compute_once(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and results[0] == results[1]
+
+
+def test_shared_locks_coexist_and_keep_an_exclusive_one_waiting(tmp_path):
+    """What segment-volume's output lock relies on: writers share it, the finish takes it alone."""
+    lock = tmp_path / ".out.lock"
+    entered = threading.Event()
+
+    def exclusive():
+        with _locked(lock):
+            entered.set()
+
+    with _locked(lock, shared=True), _locked(lock, shared=True):  # a second shared holder does not wait
+        thread = threading.Thread(target=exclusive)
+        thread.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(10)
+    thread.join()
