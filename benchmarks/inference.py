@@ -5,6 +5,11 @@ GFLOP/s, and peak memory.
 
     .venv/bin/python benchmarks/inference.py --preset seed --frames 5
     .venv/bin/python benchmarks/inference.py --preset fullres --frames 5 --backend mindspore onnxruntime
+    .venv/bin/python benchmarks/inference.py --preset fullres --backend onnxruntime --precision fp32 int8
+
+int8 (ONNX Runtime only): the untrained network quantized by unet.export.quantize_int8, calibrated
+on the first ``--calibration-frames`` real frames of ``--data-dir``/train-volume.tif (speed does
+not depend on the weights; accuracy: benchmarks/precision.py).
 """
 from __future__ import annotations
 
@@ -17,19 +22,38 @@ import common
 import numpy as np
 
 
+def int8_model(checkpoint: Path, recipe, args) -> Path:
+    """The checkpoint's network as an int8 ONNX model, calibrated on real frames; its path."""
+    import tifffile
+
+    from unet.export import checkpoint_weights, network_inputs, quantize_int8, unet_onnx
+
+    folder = checkpoint.parent
+    (folder / "model.onnx").write_bytes(unet_onnx(checkpoint_weights(checkpoint), recipe).SerializeToString())
+    frames = tifffile.imread(Path(args.data_dir) / "train-volume.tif")[:args.calibration_frames]
+    quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", [network_inputs(f, recipe) for f in frames])
+    return folder / "model.int8.onnx"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="seed")
     p.add_argument("--frames", type=int, default=5, help="timed frames (after one warm-up frame)")
     p.add_argument("--size", type=int, default=512, help="frame side")
     p.add_argument("--backend", nargs="+", default=["mindspore"], choices=["mindspore", "onnxruntime"])
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8"],
+                   help="int8: ONNX Runtime only")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    p.add_argument("--data-dir", default=str(common.REPO.parent / "shared" / "data" / "isbi2012"),
+                   help="int8 calibration frames: train-volume.tif here")
+    p.add_argument("--calibration-frames", type=int, default=4)
     args = p.parse_args()
 
     import tempfile
 
     import mindspore as ms
 
-    from unet.backends import load_predictor
+    from unet.backends import OnnxPredictor, load_predictor
     from unet.infer import predict_frame
     from unet.model import UNet
     from unet.recipes import get_preset
@@ -41,10 +65,15 @@ def main() -> None:
     frame = np.random.default_rng(0).integers(0, 256, (args.size, args.size), dtype=np.uint8)
     side = recipe.image_size if recipe.input_mode == "resize" else args.size
     gflop = common.unet_forward_flops(recipe.in_channels, recipe.base_channels, side, side) / 1e9
-    for backend in args.backend:
-        net = load_predictor(checkpoint, recipe, backend)
-        result = {"benchmark": "inference", "preset": args.preset, "backend": backend,
-                  "frame": [args.size, args.size], "input_mode": recipe.input_mode,
+    runs = [(b, "fp32") for b in args.backend if "fp32" in args.precision]
+    runs += [("onnxruntime", "int8")] if "int8" in args.precision else []
+    for backend, precision in runs:
+        if precision == "int8":
+            net = OnnxPredictor(int8_model(checkpoint, recipe, args), args.threads)
+        else:
+            net = load_predictor(checkpoint, recipe, backend, args.threads)
+        result = {"benchmark": "inference", "preset": args.preset, "backend": backend, "precision": precision,
+                  "threads": args.threads, "frame": [args.size, args.size], "input_mode": recipe.input_mode,
                   "gflop_per_forward": round(gflop, 1)}
         for tta in (False, True):
             predict_frame(net, frame, recipe, tta=tta)  # compile

@@ -15,7 +15,7 @@ from flows.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAG
                        Terminated, _console_without_tracebacks, _DefaultsHelp, _number, _Parser, _signals_exit,
                        _signals_raise, describe, start_temporary_server)
 from flows.segment import FORMATS, default_output, segment_volume
-from unet.backends import BACKENDS, TTA_VIEWS
+from unet.backends import BACKENDS, PRECISIONS, TTA_VIEWS, check_precision
 from unet.blocks import DEFAULT_BLOCK
 
 def _multiple_of_16(low: int) -> Callable[[str], int]:
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
                    help="onnxruntime: the model's weights as an ONNX graph (about 3.8x faster on this CPU, agrees "
                         "with MindSpore to about 1e-6); mindspore: the training framework")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="fp32, or int8: the model's export quantized to 8 bits (ONNX Runtime; calibrated on its "
+                        "training frames by flows/export.py, which the pipeline runs for its champion)")
     p.add_argument("--tta", choices=list(TTA_VIEWS),
                    help="test-time augmentation: none, flips (4 views) or d4 (8 flips/rotations) "
                         "(default: the model's recipe: d4 for fullres, none for seed/smoke)")
@@ -93,7 +96,8 @@ def check(args: argparse.Namespace) -> dict:
     from unet.volume_io import open_volume
 
     open_volume(args.input)
-    model = resolve_model(args.model, args.work_dir)
+    check_precision(args.precision, args.backend)
+    model = resolve_model(args.model, args.work_dir, args.precision)
     out = Path(args.output or default_output(args.input, args.work_dir, args.format)).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: output exists and is a file; expected a folder (or a new path)")

@@ -28,9 +28,25 @@ def _training_data(model: dict) -> str | None:
     return json.loads(manifest.read_text())["inputs"].get("datasets") if manifest.is_file() else None
 
 
+def training_frames(model: dict) -> list[Path]:
+    """The train frames (images) of the datasets stage the model was trained on, from its folder in
+    the model's work directory: what int8 calibrates on (the val frames stay unseen, as they are by
+    training). Empty when that stage is not there (a model copied out of its work directory)."""
+    from tasks.train import dataset_pairs
+
+    key = _training_data(model)
+    folder = Path(model["checkpoint"]).parents[2] / "datasets" / key.split(":", 1)[1] if key else None
+    if folder is None or not (folder / "manifest.json").is_file():
+        return []
+    datasets = {"output": str(folder), **json.loads((folder / "manifest.json").read_text())["result"]}
+    return [image for image, _ in dataset_pairs(datasets, "train") if image.is_file()]
+
+
 def export_model(model: str, work_dir: str, out: str) -> dict:
     """Export ``model`` (``champion``, a train stage folder or a checkpoint in one; resolved in
-    ``work_dir``) into the folder ``out``; returns model.json's content."""
+    ``work_dir``) into the folder ``out``, with an int8 model calibrated on its training frames
+    when they are found (:func:`training_frames`); returns model.json's content."""
+    from unet.data import read_sections
     from unet.export import write_export
     from unet.recipes import Recipe
 
@@ -44,7 +60,8 @@ def export_model(model: str, work_dir: str, out: str) -> dict:
                "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "versions": {"python": platform.python_version(),
                             **{p: version(p) for p in ("mindspore", "onnx", "onnxruntime", "numpy")}}}
-    return write_export(m["checkpoint"], recipe, out, sidecar)
+    frames = [read_sections(path, recipe.sections) for path in training_frames(m)]
+    return write_export(m["checkpoint"], recipe, out, sidecar, calibration_frames=frames)
 
 
 @task(name="export_champion", cache_policy=NO_CACHE)
@@ -57,9 +74,11 @@ def export_champion(work_dir: str) -> str:
     champion = json.loads((Path(work_dir) / "champion.json").read_text())
     checkpoint = Path(champion["model"]["output"]) / champion["model"]["best_checkpoint"]
     current = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    if current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint):
+    if current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint) and "onnx_int8" in current["files"]:
         get_run_logger().info("champion export up to date: %s", out)
         return str(out)
     record = export_model("champion", work_dir, str(out))
-    get_run_logger().info("champion exported to %s (ONNX %s...)", out, record["sha256"]["onnx"][:12])
+    get_run_logger().info("champion exported to %s (ONNX %s..., int8: %s)", out, record["sha256"]["onnx"][:12],
+                          f"calibrated on {record['int8']['calibration_frames']} training frames"
+                          if record["int8"] else "none, its training frames were not found")
     return str(out)

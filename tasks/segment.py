@@ -56,12 +56,29 @@ def _evaluation_of(work_dir: Path, train_key: str) -> dict | None:
     return max(found, key=lambda t: t[:2])[2] if found else None
 
 
-def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
+def resolve_model(model: str, work_dir: str, precision: str = "fp32") -> dict[str, Any]:
     """``champion`` (the champion of ``work_dir``), a train stage folder, a checkpoint inside one, or
     an export folder (flows/export.py) -> {"checkpoint", "key", "train_key", "recipe", "shift",
-    "tta_scales", "source", "val"} (and "onnx" for an export). The alignment
+    "tta_scales", "source", "val", "precision"} (and "onnx" for an export). The alignment
     shift and test-time scales are those of the model's evaluation in ``work_dir`` (none if it has
-    none). FileNotFoundError / ValueError with one line saying what to do."""
+    none). ``precision`` int8 resolves to an export's int8 model: the export folder's, or for a
+    checkpoint the champion export of ``work_dir`` when it holds that checkpoint.
+    FileNotFoundError / ValueError with one line saying what to do."""
+    from unet.backends import check_precision
+
+    check_precision(precision)
+    found = _resolve_model(model, work_dir, precision)
+    if precision == "int8" and not found.get("onnx"):
+        export = Path(found["checkpoint"]).parents[2] / "champion-export"
+        record = json.loads((export / "model.json").read_text()) if (export / "model.json").is_file() else {}
+        if record.get("sha256", {}).get("checkpoint") != file_digest(Path(found["checkpoint"])):
+            raise ValueError(f"{model}: int8 needs an export of this model, calibrated on its training frames: "
+                             "python flows/export.py --model ... --out DIR, then --model DIR")
+        return {**_exported_model(export, precision), "source": f"{found['source']} (int8: {export})"}
+    return {**found, "precision": precision}
+
+
+def _resolve_model(model: str, work_dir: str, precision: str) -> dict[str, Any]:
     work = Path(work_dir).expanduser().resolve()
     if model == "champion":
         champion = work / "champion.json"
@@ -79,7 +96,7 @@ def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
             raise FileNotFoundError(f"{path}: model not found (expected 'champion', a train stage folder, a .ckpt "
                                     "in one, or an export folder of flows/export.py)")
         if (path / "model.json").is_file():
-            return _exported_model(path)
+            return _exported_model(path, precision)
         folder = path if path.is_dir() else path.parent
         manifest = folder / "manifest.json"
         if not manifest.is_file():
@@ -106,18 +123,17 @@ def resolve_model(model: str, work_dir: str) -> dict[str, Any]:
             "val": {k: val[k] for k in ("iou", "membrane_dice", "v_rand") if k in val}}
 
 
-def _exported_model(folder: Path) -> dict[str, Any]:
-    """An export folder (flows/export.py: model.onnx + model.json) as resolve_model's dict: ONNX
-    Runtime only, no checkpoint and no MindSpore needed."""
-    from unet.export import SIDECAR
+def _exported_model(folder: Path, precision: str = "fp32") -> dict[str, Any]:
+    """An export folder (flows/export.py: model.onnx, model.int8.onnx + model.json) as
+    resolve_model's dict: ONNX Runtime only, no checkpoint and no MindSpore needed."""
+    from unet.export import SIDECAR, model_file
 
     record = json.loads((folder / SIDECAR).read_text())
-    onnx_path = folder / record["files"]["onnx"]
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: the export's ONNX model is missing")
+    onnx_path = model_file(folder, precision)
     return {"checkpoint": None, "onnx": str(onnx_path), "key": file_digest(onnx_path)[:16],
             "train_key": record.get("train_key"), "recipe": record["recipe"], "source": str(folder),
-            "shift": record["alignment_shift"], "tta_scales": record["tta_scales"], "val": record.get("val", {})}
+            "shift": record["alignment_shift"], "tta_scales": record["tta_scales"], "val": record.get("val", {}),
+            "precision": precision}
 
 
 @functools.lru_cache(maxsize=2)
@@ -236,7 +252,7 @@ def plan_segmentation(input: str, output: str, format: str, model: dict, backend
             "store": str(out if format == "zarr" else out / STATE / "work.zarr"),
             "chunks": list(chunk_shape(settings, volume.shape[1:]))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f".{out.name}.lock"):  # two runs into one new output: one creates it
+    with _locked(output_lock(plan)):  # two runs into one new output: one creates it
         existing = _check_output(out, plan, overwrite)
         if existing is None:
             _create(out, plan, model)
@@ -246,6 +262,19 @@ def plan_segmentation(input: str, output: str, format: str, model: dict, backend
                 volume.dtype, *volume.shape, volume.conversion if volume.conversion != "none" else "uint8",
                 digest[:12], time.perf_counter() - t0)
     return plan
+
+
+def output_lock(plan: dict) -> Path:
+    """The output's lock, beside it. Exclusive while a run creates or finishes the output, shared
+    while it writes blocks and sections: a second run into the same output (another user, the same
+    arguments) never writes into scratch arrays that the first run's finish has removed, and finds
+    the output complete instead."""
+    out = Path(plan["output"])
+    return out.parent / f".{out.name}.lock"
+
+
+def _complete(plan: dict) -> bool:
+    return (state_dir(plan) / "complete.json").is_file()
 
 
 def blocks_to_do(plan: dict) -> list[int]:
@@ -262,7 +291,13 @@ def sections_to_do(plan: dict) -> list[int]:
 
 @task(name="predict_blocks", cache_policy=NO_CACHE, retries=0)
 def predict_blocks(plan: dict, indices: list[int]) -> dict:
-    """Predict the blocks ``indices``: write probabilities and mask, then mark each done."""
+    """Predict the blocks ``indices``: write probabilities and mask, then mark each done (nothing
+    when another run has completed the output meanwhile)."""
+    with _locked(output_lock(plan), shared=True):
+        return {"blocks": 0, "complete": True} if _complete(plan) else _predict_blocks(plan, indices)
+
+
+def _predict_blocks(plan: dict, indices: list[int]) -> dict:
     from unet.blocks import predict_block
     from unet.volume_io import open_volume, output_arrays
 
@@ -292,7 +327,13 @@ def predict_blocks(plan: dict, indices: list[int]) -> dict:
 @task(name="label_sections", cache_policy=NO_CACHE)
 def label_sections(plan: dict, sections: list[int]) -> dict:
     """Cell instances of each section in ``sections``, tile by tile (storage chunks), merged across
-    tile edges; then each section is marked done with its cell count."""
+    tile edges; then each section is marked done with its cell count (nothing when another run has
+    completed the output meanwhile)."""
+    with _locked(output_lock(plan), shared=True):
+        return {"sections": 0, "complete": True} if _complete(plan) else _label_sections(plan, sections)
+
+
+def _label_sections(plan: dict, sections: list[int]) -> dict:
     import zarr
 
     from unet.blocks import Block, fill_tile, grid, label_tile, merge_tiles, tile_edges
@@ -341,7 +382,13 @@ def label_sections(plan: dict, sections: list[int]) -> dict:
 
 @task(name="finish_segmentation", cache_policy=NO_CACHE)
 def finish_segmentation(plan: dict, seconds: float) -> dict:
-    """Preview, TIFF export (``format`` tiff), the summary; ``complete.json`` last."""
+    """Preview, TIFF export (``format`` tiff), the summary; ``complete.json`` last, then the scratch
+    arrays are removed. Another run that completed the output meanwhile: its summary."""
+    with _locked(output_lock(plan)):
+        return completed_summary(plan) if _complete(plan) else _finish_segmentation(plan, seconds)
+
+
+def _finish_segmentation(plan: dict, seconds: float) -> dict:
     from unet.viz import plot_segmentation
     from unet.volume_io import open_volume, output_arrays, write_tiff
 
@@ -383,6 +430,7 @@ def finish_segmentation(plan: dict, seconds: float) -> dict:
                "cells": {"total": int(sum(counts)), "per_section_mean": round(float(np.mean(counts)), 1),
                          "per_section_min": int(min(counts)), "per_section_max": int(max(counts))},
                "model": plan["model"]["source"], "model_key": plan["model_key"], "backend": plan["backend"],
+               "precision": plan["model"].get("precision", "fp32"),
                "settings": plan["settings"],
                "threshold": plan["threshold"], "files": files,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -407,7 +455,8 @@ def summary_markdown(summary: dict, state: str) -> str:
             ("cells", f"{cells['total']} (per section {cells['per_section_min']}..{cells['per_section_max']}, "
                       f"mean {cells['per_section_mean']})"),
             ("model", f"{summary['model']} (key {summary['model_key']})"),
-            ("inference", f"{summary.get('backend', 'mindspore')}, TTA {s['tta']}, scales {s['scales']}, "
+            ("inference", f"{summary.get('backend', 'mindspore')} {summary.get('precision', 'fp32')}, TTA {s['tta']}, "
+                          f"scales {s['scales']}, "
                           f"shift {s['shift']}, threshold {summary['threshold']}"),
             ("state", state)]
     return "\n".join([f"# Segmentation of `{Path(summary['input']).name}`", "", "| | |", "|---|---|",

@@ -19,7 +19,7 @@ import zarr
 from skimage.measure import label
 from skimage.segmentation import expand_labels
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ci_slice]
 
 REPO = Path(__file__).resolve().parents[2]
 SEGMENT = REPO / "flows" / "segment.py"
@@ -313,3 +313,76 @@ def test_export_cli_writes_a_folder_or_one_error_line(smoke_work, tmp_path):
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and errors(missing.stderr) == [missing.stderr.strip()]
     assert "train one first" in missing.stderr and not (tmp_path / "x").exists()
+
+
+# --- int8 -------------------------------------------------------------------------------------
+
+# Largest |int8 - fp32| cell probability of the smoke champion on real test frames, and the mean;
+# measured: see test_int8_probabilities_are_close_to_fp32_on_real_frames's printout.
+INT8_MAX_DIFF = 0.05
+INT8_MEAN_DIFF = 0.01
+
+
+def test_int8_probabilities_are_close_to_fp32_on_real_frames(smoke_work, isbi_dir):
+    """The champion export holds an int8 model calibrated on the model's 20 training frames; on
+    real test frames its probabilities stay close to the float model's."""
+    from unet.backends import load_exported
+    from unet.blocks import Settings, predict_section
+    from unet.recipes import Recipe
+
+    export = Path(smoke_work[1]["outputs"]["champion_export"])
+    record = json.loads((export / "model.json").read_text())
+    assert record["files"]["onnx_int8"] == "model.int8.onnx" and (export / "model.int8.onnx").is_file()
+    assert record["int8"]["calibration_frames"] == 20 and record["int8"]["format"] == "QDQ"
+    settings = Settings(Recipe.from_dict(record["recipe"]))
+    stack = tifffile.imread(isbi_dir / "test-volume.tif")[[0, 15, 29]]
+
+    def predict(precision: str) -> np.ndarray:
+        predictor = load_exported(export, precision)
+        return np.stack([predict_section(predictor, lambda z, y0, y1, x0, x1: stack[z, y0:y1, x0:x1], stack.shape,
+                                         z, settings) for z in range(len(stack))])
+
+    fp32, int8 = predict("fp32"), predict("int8")
+    diff = np.abs(int8 - fp32)
+    flipped = np.mean((int8 >= 0.5) != (fp32 >= 0.5))
+    print(f"int8 vs fp32 on 3 test frames: max |diff| {diff.max():.4f}, mean {diff.mean():.5f}, "
+          f"mask pixels flipped {flipped:.5f}")
+    assert fp32.std() > 0.1  # a real segmentation, not a constant map
+    assert diff.max() <= INT8_MAX_DIFF and diff.mean() <= INT8_MEAN_DIFF
+    assert flipped <= 0.01
+
+
+def test_segment_with_precision_int8_end_to_end(segment, smoke_work, isbi_dir, tmp_path):
+    from tasks.segment import OutputMismatch
+
+    work = str(smoke_work[0])
+    stack = tifffile.imread(isbi_dir / "test-volume.tif")[:3, :256, :320]
+    source = tmp_path / "tiny.tif"
+    tifffile.imwrite(source, stack, photometric="minisblack")
+    fp32 = segment(source, tmp_path / "fp32.ome.zarr", work_dir=work)
+    int8 = segment(source, tmp_path / "int8.ome.zarr", work_dir=work, precision="int8")
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    assert int8["model_key"] != fp32["model_key"]  # another model file: its output is its own
+    a, b = arrays(tmp_path / "fp32.ome.zarr"), arrays(tmp_path / "int8.ome.zarr")
+    assert np.abs(a["prob"] - b["prob"]).max() <= INT8_MAX_DIFF
+    assert np.mean(a["mask"] != b["mask"]) <= 0.01 and b["cells"].max() > 10
+    attrs = zarr.open_group(str(tmp_path / "int8.ome.zarr"), mode="r").attrs["segmentation"]
+    assert attrs["checkpoint"].endswith("model.int8.onnx")
+    with pytest.raises(OutputMismatch, match="another model"):  # fp32 into the int8 output
+        segment(source, tmp_path / "int8.ome.zarr", work_dir=work)
+
+
+def test_bad_precisions_get_one_error_line(smoke_work, crop_model, isbi_dir, tmp_path):
+    work = str(smoke_work[0])
+    volume = str(isbi_dir / "test-volume.tif")
+    cases = [
+        ([volume, "--work-dir", work, "--precision", "fp16"], 2, "argument --precision: invalid choice: 'fp16'"),
+        ([volume, "--work-dir", work, "--precision", "int8", "--backend", "mindspore"], 1,
+         "precision int8 runs on onnxruntime, not mindspore"),
+        ([volume, "--model", str(crop_model), "--precision", "int8"], 1, "int8 needs an export of this model"),
+    ]
+    for args, code, words in cases:
+        done = cli(args, tmp_path / "home")
+        lines = errors(done.stderr)
+        assert done.returncode == code and len(lines) == 1 and words in lines[0], (args, done.stderr[-2000:])
+    assert not (Path(work) / "segmentations").exists()
