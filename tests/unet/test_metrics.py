@@ -409,3 +409,97 @@ def test_label_functions_reject_bad_input():
         v_rand(np.ones((3, 3), int), np.ones((3, 4), int))
     with pytest.raises(ValueError, match="non-negative ints"):
         v_info(np.ones((3, 3)), np.ones((3, 3), int))
+
+
+# --------------------------------------------------------------------------- found by mutation testing
+
+
+def test_false_merges_and_splits_of_single_pixel_segments_score_zero():
+    # V_rand = (sum n_ij^2 - N) / (0.5 (sum a_i^2 - N) + 0.5 (sum b_j^2 - N)): the 1.0 shortcut is
+    # only for both sides all single pixels (0/0); one side alone gives 0 / positive = 0
+    dots = np.array([[1, 0, 2, 0, 3, 0, 4]])  # four one-pixel cells
+    assert v_rand(dots, np.where(dots > 0, 9, 0)) == 0.0  # all merged into one
+    assert v_rand(dots, dots * 5) == 1.0  # relabelled: nothing wrong
+    one_cell = np.ones((2, 3), int)
+    assert v_rand(one_cell, np.arange(1, 7).reshape(2, 3)) == 0.0  # split into single pixels
+
+
+def test_v_rand_and_v_info_ignore_what_the_prediction_does_on_gt_membrane():
+    # foreground-restricted: predicted cells growing over gt boundary pixels (label 0) cost nothing
+    gt = np.array([[1, 1, 0, 2, 2]])
+    grown = np.array([[1, 1, 1, 2, 2]])
+    assert v_rand(gt, grown) == 1.0 and v_info(gt, grown) == 1.0
+
+
+def test_v_info_of_a_prediction_independent_of_the_gt_is_zero():
+    # H(S) = H(T) = 1 bit and I(S;T) = 0, so P = R = 0: the docstring's "V_info = 0 when P + R = 0"
+    gt = np.array([[1, 1], [2, 2]])
+    assert v_info(gt, np.array([[1, 2], [1, 2]])) == 0.0
+
+
+def test_thresholds_0_and_1_are_valid_and_a_pixel_at_the_threshold_is_cell():
+    # segmentation_scores segments cell_prob >= t, like unet.segment.segment_cells
+    prob = np.array([[0.5, 0.2, 0.5]])
+    target = np.array([[1, 0, 1]])
+    got = segmentation_scores(prob, target, thresholds=(0.0, 0.5, 1.0))
+    assert got["per_threshold"][0.5]["v_rand"] == 1.0  # the two 0.5 pixels are two cells
+    assert got["per_threshold"][0.0]["v_rand"] < 1.0  # everything is one cell
+    assert got["v_rand_threshold"] == 0.5 and set(got["per_threshold"]) == {0.0, 0.5, 1.0}
+
+
+def test_confusion_counts_are_ints_only():
+    with pytest.raises(ValueError, match=r"ConfusionCounts.tp must be a non-negative int, got True"):
+        ConfusionCounts(tp=True)
+    with pytest.raises(ValueError, match=r"ConfusionCounts.fn must be a non-negative int, got 1.0"):
+        ConfusionCounts(fn=1.0)
+    c = ConfusionCounts(tp=np.int64(2), tn=3)
+    assert type(c.tp) is int and sum([c, c]) == ConfusionCounts(tp=4, tn=6)
+    with pytest.raises(TypeError):
+        1 + c  # only sum()'s start, 0, adds to counts
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: case_scores(np.full((2, 2), 2), np.zeros((2, 2))), ValueError,
+         r"pred must be binary \(0/1\), found values such as \[2\]"),
+        (lambda: case_scores(np.zeros((2, 2)), np.full((2, 2), 2)), ValueError, "target must be binary"),
+        (lambda: case_scores(np.zeros((2, 2)), np.zeros((2, 3))), ValueError,
+         r"pred and target must have the same shape, got \(2, 2\) and \(2, 3\)"),
+        (lambda: case_scores(np.zeros(0), np.zeros(0)), ValueError, r"pred and target are empty \(shape \(0,\)\)"),
+        (lambda: CaseMetrics(smooth=0.0), ValueError, "smooth must be a finite positive number, got 0.0"),
+        (lambda: CaseMetrics(smooth=float("inf")), ValueError, "smooth must be a finite positive number, got inf"),
+        (lambda: CaseMetrics().eval(), RuntimeError,
+         r"CaseMetrics.eval\(\) called before any update\(\): no images to score"),
+        (lambda: confusion_counts(np.array([["a"]]), np.zeros((1, 1))), ValueError,
+         "pred must be numeric or bool, got dtype <U1"),
+        (lambda: confusion_counts(np.zeros((1, 1)), np.array([[3]])), ValueError, "target must be binary"),
+        (lambda: confusion_counts(np.zeros((2, 2)), np.zeros((3, 2))), ValueError,
+         "pred and target must have the same shape"),
+        (lambda: confusion_counts(np.arange(2, 9), np.zeros(7)), ValueError,
+         r"pred must be binary \(0/1\), found values such as \[2, 3, 4, 5, 6\]$"),  # the first five
+        (lambda: confusion_scores({"tp": 1}), ValueError, "c must be a ConfusionCounts, got dict"),
+        (lambda: v_rand(np.ones((2, 2)), np.ones((2, 2), int)), ValueError, "gt_labels must be a label image"),
+        (lambda: v_rand(np.ones((2, 2), int), -np.ones((2, 2), int)), ValueError, "pred_labels must be a label image"),
+        (lambda: v_rand(np.ones((2, 2), int), np.ones((2, 3), int)), ValueError,
+         "gt_labels and pred_labels must have the same shape"),
+        (lambda: v_info(np.ones((2, 2)), np.ones((2, 2), int)), ValueError, "gt_labels must be a label image"),
+        (lambda: v_info(np.ones((2, 2), int), -np.ones((2, 2), int)), ValueError, "pred_labels must be a label image"),
+        (lambda: v_info(np.ones((2, 2), int), np.ones((2, 3), int)), ValueError,
+         "gt_labels and pred_labels must have the same shape"),
+        (lambda: segmentation_scores(np.array([["a"]]), np.zeros((1, 1))), ValueError,
+         "cell_prob must be numeric, got dtype <U1"),
+        (lambda: segmentation_scores(np.full((2, 2), 2.0), np.zeros((2, 2))), ValueError,
+         r"cell_prob must be probabilities in \[0, 1\]"),
+        (lambda: segmentation_scores(np.zeros((2, 2)), np.full((2, 2), 2)), ValueError, "target must be binary"),
+        (lambda: segmentation_scores(np.zeros((2, 2)), np.zeros((2, 3))), ValueError,
+         "cell_prob and target must have the same shape"),
+        (lambda: segmentation_scores(np.zeros((2, 2)), np.zeros((2, 2)), thresholds=()), ValueError,
+         "^thresholds is empty$"),
+        (lambda: segmentation_scores(np.zeros((2, 2)), np.zeros((2, 2)), thresholds=("a",)), ValueError,
+         r"thresholds must be a sequence of numbers, got \('a',\)"),
+    ],
+)
+def test_errors_name_the_argument_and_what_was_expected(call, error, message):
+    with pytest.raises(error, match=message if message.startswith("^") else "^" + message):
+        call()
