@@ -101,11 +101,12 @@ def stage(module: str, commit: str | None) -> Path:
     return root
 
 
-def mutmut(root: Path, args: list[str], niceness: int, log=None) -> tuple[int, str]:
-    """Run ``mutmut ARGS`` in ``root``: (exit code, output; written to ``log`` instead when given).
-    It runs in a session of its own, ended with everything it forked if this script is stopped."""
+def mutmut(root: Path, args: list[str], niceness: int, log=None, program: str = "mutmut") -> tuple[int, str]:
+    """Run ``mutmut ARGS`` (or another ``program`` of the venv) in ``root``: (exit code, output;
+    written to ``log`` instead when given). It runs in a session of its own, ended with everything it
+    forked if this script is stopped."""
     env = {**os.environ, "ISBI_DATA_DIR": isbi_dir(), "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = ["nice", "-n", str(niceness), str(VENV_BIN / "mutmut"), *args]
+    cmd = ["nice", "-n", str(niceness), str(VENV_BIN / program), *args]
     out = subprocess.PIPE if log is None else log
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -124,18 +125,47 @@ def results(root: Path, niceness: int) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\S+): (.+)$", out, flags=re.M))
 
 
-def run_module(module: str, jobs: int, niceness: int, commit: str | None) -> dict:
+# ``mutmut show NAME`` for many names in one process
+SHOW = """import sys
+from mutmut.__main__ import find_mutant, get_diff_for_mutant
+for name in sys.argv[1:]:
+    print(f"# {name}")
+    print(get_diff_for_mutant(name, path=find_mutant(name).path))
+"""
+
+
+def refresh_tests(root: Path, commit: str | None) -> None:
+    """Put the current tests (of ``commit``, or of the working tree) into an existing run's copies."""
+    if commit:
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "tests"], cwd=REPO,
+                                 capture_output=True, check=True).stdout
+    for copy in (root, root / "mutants"):
+        shutil.rmtree(copy / "tests")
+        if commit:
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(copy, filter="data")
+        else:
+            shutil.copytree(REPO / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def run_module(module: str, jobs: int, niceness: int, commit: str | None, survivors_only: bool) -> dict:
     t0 = time.perf_counter()
-    root = stage(module, commit)
-    with (root / "mutmut.log").open("w") as log:
-        exit_code = mutmut(root, ["run", "--max-children", str(jobs)], niceness, log)[0]
+    root = WORK / module.removesuffix(".py").replace("/", "-")
+    if survivors_only:
+        previous = results(root, niceness) if (root / "mutants").is_dir() else {}
+        if not previous:
+            raise SystemExit(f"error: {root.relative_to(REPO)} holds no earlier run of {module} to retest")
+        refresh_tests(root, commit)
+        names = sorted(n for n, s in previous.items() if s in ("survived", "no tests"))
+    else:
+        root, names = stage(module, commit), []
+    with (root / "mutmut.log").open("a" if survivors_only else "w") as log:
+        exit_code = mutmut(root, ["run", "--max-children", str(jobs), *names], niceness, log)[0]
     status = results(root, niceness)
     counts = {k: sum(s == k for s in status.values()) for k in COUNTED}
     other = len(status) - sum(counts.values())
     survivors = sorted(n for n, s in status.items() if s in ("survived", "no tests"))
-    with (root / "survivors.txt").open("w") as f:
-        for name in survivors:
-            f.write(mutmut(root, ["show", name], niceness)[1] + "\n")
+    (root / "survivors.txt").write_text(mutmut(root, ["-c", SHOW, *survivors], niceness, program="python")[1])
     detected = counts["killed"] + counts["timeout"]
     tests = [t for t in TARGETS[module] if (root / t).is_file()]
     return {"module": module, "tests": tests, "mutants": len(status), **counts, "other": other,
@@ -161,6 +191,8 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=15, help="niceness of the mutmut processes")
     p.add_argument("--worktree", action="store_true",
                    help="test the working tree's files (default: those of the commit checked out, HEAD)")
+    p.add_argument("--survivors-only", action="store_true",
+                   help="retest only the mutants that survived the last run of each module (after new tests)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that mutmut's session is ended too
     unknown = [m for m in args.modules if m not in TARGETS]
@@ -173,7 +205,7 @@ def main() -> None:
     print(f"testing {'the working tree' if commit is None else 'commit ' + commit[:7]}", flush=True)
     rows = []
     for module in args.modules:
-        row = run_module(module, args.jobs, args.nice, commit)
+        row = run_module(module, args.jobs, args.nice, commit, args.survivors_only)
         rows.append(row)
         print(f"{module}: {row['mutants']} mutants, {row['killed']} killed, {row['survived']} survived, "
               f"{row['timeout']} timeouts, {row['no tests']} no tests, score {row['score']} % "
