@@ -30,6 +30,8 @@ def test_bad_shapes_are_rejected():
         estimate_shift(np.zeros((1, 32, 32)), np.zeros((1, 32, 31)))
     with pytest.raises(ValueError, match="too small"):
         estimate_shift(np.zeros((1, 6, 6)), np.zeros((1, 6, 6)))
+    with pytest.raises(ValueError, match=r"frames of \(5, 64\) are too small to estimate a shift of up to 1.5 px"):
+        estimate_shift(np.zeros((1, 5, 64)), np.zeros((1, 5, 64)))  # too short, however wide
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,9 @@ def test_image_as_probability_spans_the_10th_to_60th_percentile_of_each_frame(is
     blurred = cv2.GaussianBlur(images[0], (0, 0), 1.0)
     lo, hi = np.percentile(blurred, [10, 60])
     np.testing.assert_allclose(prob[0], np.clip((blurred - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # the stacks are uint8: blurred in float, not rounded back to whole grey levels
+    as_read = tifffile.imread(isbi_dir / "train-volume.tif")[:1]
+    np.testing.assert_allclose(image_as_probability(as_read), prob[:1], atol=1e-5)
 
 
 def test_without_a_better_shift_the_estimate_is_zero():
