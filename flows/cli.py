@@ -51,7 +51,7 @@ def stopped_by(signum: int) -> str:
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGINT/SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt:
+    """Raised in the main thread on SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt:
     Prefect records the run as Crashed, ``finally`` blocks run and the interpreter exits normally, so
     the temporary Prefect server this process started (stopped by an ``atexit`` hook) does not
     outlive it."""
@@ -229,10 +229,12 @@ def _signals_exit() -> Iterator[None]:
 
 
 class _Signals:
-    """What :func:`_signals_raise` saw: the stop signals received, the first one first."""
+    """What :func:`_signals_raise` saw: ``received``, the termination signals (SIGTERM, SIGHUP);
+    ``first``, the first stop signal, SIGINT included, which decides the exit code and the line."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.first: int | None = None
 
     def settled(self) -> None:
         """Stop re-raising: main() has the exception."""
@@ -240,24 +242,28 @@ class _Signals:
 
     def exit_code(self) -> int:
         """130 for Ctrl-C (SIGINT) or a KeyboardInterrupt raised without a signal, else 143."""
-        return exit_code(self.received[0]) if self.received else EXIT_INTERRUPTED
+        return exit_code(self.first) if self.first is not None else EXIT_INTERRUPTED
 
     def stopped_by(self) -> str:
-        return stopped_by(self.received[0]) if self.received else "interrupted"
+        return stopped_by(self.first) if self.first is not None else "interrupted"
+
+
+def _stop_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[_Signals]:
-    """SIGINT, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the pipeline runs.
+    """SIGTERM and SIGHUP raise :class:`Terminated`, SIGINT ``KeyboardInterrupt``, in the main thread
+    while the pipeline runs.
 
     Python's default action kills the process at once: no ``atexit`` hook runs, and the temporary
     Prefect server (a uvicorn child process) is left running. Prefect replaces the SIGTERM handler
     while a flow runs, marks the run Crashed, then re-sends the signal to the handler it found —
     this one. Python drops an exception raised inside a weakref callback (the import system uses
     them) and library code may wrap it in another (pydantic does, in a serializer): the exception
-    is raised again every 2 s until ``main`` has it, and ``received`` tells ``main`` what really
-    happened: the first signal decides the exit code and the line (Prefect re-sends SIGTERM to its
-    process after a flow it ended). MindSpore turns a SIGINT into a SIGTERM once it has run a graph,
+    is raised again every 2 s until ``main`` has it, and ``first`` tells ``main`` what really
+    happened. MindSpore turns a SIGINT into a SIGTERM once it has run a graph,
     unless the process forwards SIGINT (flows/sigint.py, as ``python flows/full_pipeline.py`` does).
     A signal that is ignored (``nohup``) stays ignored."""
     signals = _Signals()
@@ -266,13 +272,16 @@ def _signals_raise() -> Iterator[_Signals]:
         return
 
     def raise_again(signum: int, frame: object) -> None:
-        raise Terminated(signals.received[0])
+        raise _stop_exception(signals.first)
 
     def raise_terminated(signum: int, frame: object) -> None:
-        signals.received.append(signum)
+        if signals.first is None:
+            signals.first = signum
+        if signum != signal.SIGINT:
+            signals.received.append(signum)
         signal.signal(signal.SIGALRM, raise_again)
         signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
-        raise Terminated(signum)
+        raise _stop_exception(signum)
 
     previous: dict[int, Callable | int | None] = {signal.SIGALRM: signal.getsignal(signal.SIGALRM)}
     for signum in STOP_SIGNALS:
@@ -438,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             signals.settled()  # a signal whose exception was lost: the run completed regardless
         except (Terminated, KeyboardInterrupt, Exception) as exc:
             signals.settled()
-            received = signals.received
-            if received or isinstance(exc, (Terminated, KeyboardInterrupt)):
+            if signals.first is not None or isinstance(exc, (Terminated, KeyboardInterrupt)):
                 print(f"error: {signals.stopped_by()}; finished stages are kept and the next run reuses them "
                       "(training resumes from its last finished epoch)", file=sys.stderr)
                 return signals.exit_code()
