@@ -256,6 +256,7 @@ def test_the_pipeline_recomputes_exactly_the_damaged_stages(prefect_env, small_d
 
     # a truncated checkpoint: found by its size, training runs again (seeded: the same weights)
     checkpoint = folders["train"] / "best.ckpt"
+    checkpoint.chmod(0o600)  # mindspore.save_checkpoint writes it read-only
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     assert _run(args, capsys)["states"] == _only("train")
     [line] = stage_warnings
