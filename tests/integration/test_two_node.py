@@ -63,7 +63,9 @@ class Hosts:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "UNET_MSRUN_"))}
         home = self.root / "prefect-home"
         env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600",  # a loaded machine: 129 s seen
+                   PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
                    DATA=str(self.data), NODE0=str(self.node0), NODE1=str(self.node1), PORT=str(port),
                    UNET_TEST_TAG=self.tag)
         return env
