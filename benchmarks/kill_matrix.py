@@ -49,6 +49,8 @@ def main() -> int:
     p.add_argument("--skip-done", action="store_true", help="skip cells already in --out/cells.jsonl")
     p.add_argument("--keep", action="store_true", help="keep each cell's work directory")
     args = p.parse_args()
+    # stopped: raise, so that run_cell kills the cell's run (its watchdog then stops the rest)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     out = Path(args.out or tempfile.mkdtemp(prefix="kill-matrix-"))
     out.mkdir(parents=True, exist_ok=True)
