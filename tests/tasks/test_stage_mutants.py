@@ -205,6 +205,7 @@ class _Task:
     def __call__(self, return_state: bool = False, **kwargs) -> _State:
         assert return_state
         self.calls.append((self.refresh_cache, kwargs))
+        self.verified = stage._VERIFY.get()  # what run_stage would check the reused folder with
         return _State("Completed", self.fresh) if self.refresh_cache else _State("Cached", self.cached)
 
 
@@ -227,3 +228,27 @@ def test_call_stage_reruns_a_cache_hit_whose_folder_is_gone_and_only_then(tmp_pa
     calls = []
     name, _, result = call_stage(_Task({"output": str(done)}, fresh, calls), refresh=True, x=1)
     assert (name, result) == ("Completed", fresh) and calls == [(True, {"refresh": True, "x": 1})]
+
+
+def test_call_stage_with_verify_checks_hashes_and_reruns_a_cache_hit_edited_in_place(tmp_path):
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+
+    def build(folder):
+        (folder / "out.txt").write_text("good")
+        return {"out": "out.txt"}
+
+    done = run_stage(policy, build, {"n": 1, "work_dir": str(tmp_path)})
+    (Path(done["output"]) / "out.txt").write_text("evil")  # same size: only its sha256 tells
+    fresh = {"output": done["output"], "n": 2}
+
+    calls = []
+    task = _Task(done, fresh, calls)
+    name, _, result = call_stage(task, x=1)  # sizes only: reused
+    assert (name, result) == ("Cached", done) and len(calls) == 1 and task.verified is False
+
+    calls = []
+    task = _Task(done, fresh, calls)
+    name, _, result = call_stage(task, verify=True, x=1)
+    assert (name, result) == ("Completed", fresh) and [refresh for refresh, _ in calls] == [False, True]
+    assert task.verified is True
+    assert stage._VERIFY.get() is False  # verifying() ends with the call
