@@ -4,15 +4,19 @@
 
 For each module (default: all of TARGETS, in that order), in a fresh copy of the project under
 ``mutants/<name>/`` (git-ignored; the files of HEAD, or of the working tree with ``--worktree``),
-mutmut 3.8.1 mutates that module alone and runs the fast tests
-listed for it in TARGETS (each mutant only those of them that call the mutated function).
-A mutant is *killed* when a test fails, *survives* when all pass, *times out* when its tests use
-more than 30 times their clean CPU time, and has *no tests* when none of the listed tests calls its
-function. Score = (killed + timeouts) / mutants.
+mutmut 3.8.1 mutates that module alone and runs the fast tests listed for it in TARGETS (each
+mutant only those of them that call the mutated function). A mutant is *killed* when a test fails,
+*survives* when all pass, *times out* when its tests take more than 10 x (their clean time + 10 s),
+and has *no tests* when none of the listed tests calls its function.
+Score = (killed + timeouts) / mutants run.
+
+``--survivors-only`` retests only the survivors of the last run (after tests were added: mutmut
+keeps every other verdict); ``--report`` runs nothing and prints the last runs' figures, of a
+stopped run too ("not run" mutants left out of its score).
 
 Prints a table (one row per module, markdown, as in tests/README.md) and one JSON line; writes each
 module's surviving mutants as diffs to ``mutants/<name>/survivors.txt`` and mutmut's log to
-``mutants/<name>/mutmut.log``. Not part of CI: about an hour for all five on 2 busy cores.
+``mutants/<name>/mutmut.log``. Not part of CI: the five modules take hours on 2 busy cores.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ DESELECTED = {
                        "tests/tasks/test_verify.py::test_a_disk_that_fills_up_with_the_files_fails_the_manifest_and_keeps_nothing"],
 }
 COPIED = ("unet", "tasks", "flows", "tests", "pyproject.toml")
-COUNTED = ("killed", "survived", "timeout", "no tests")
+COUNTED = ("killed", "survived", "timeout", "no tests", "not checked")
 
 
 def isbi_dir() -> str:
@@ -102,6 +106,7 @@ def stage(module: str, commit: str | None) -> Path:
             shutil.copytree(src, root / name, ignore=ignore) if src.is_dir() else shutil.copy2(src, root / name)
     tests = [t for t in TARGETS[module] if (root / t).is_file()]
     (root / "setup.cfg").write_text(setup_cfg(module, tests))
+    (root / "commit.txt").write_text(f"source and tests: {commit or 'worktree'}\n")
     return root
 
 
@@ -152,39 +157,47 @@ def refresh_tests(root: Path, commit: str | None) -> None:
             shutil.copytree(REPO / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def run_module(module: str, jobs: int, niceness: int, commit: str | None, survivors_only: bool) -> dict:
+def run_module(module: str, jobs: int, niceness: int, commit: str | None, survivors_only: bool,
+               report_only: bool = False) -> dict:
     t0 = time.perf_counter()
     root = WORK / module.removesuffix(".py").replace("/", "-")
-    if survivors_only:
+    if report_only:
+        exit_code = None
+    elif survivors_only:
         previous = results(root, niceness) if (root / "mutants").is_dir() else {}
         if not previous:
             raise SystemExit(f"error: {root.relative_to(REPO)} holds no earlier run of {module} to retest")
         refresh_tests(root, commit)
+        with (root / "commit.txt").open("a") as f:
+            f.write(f"tests for the survivors: {commit or 'worktree'}\n")
         names = sorted(n for n, s in previous.items() if s in ("survived", "no tests"))
     else:
         root, names = stage(module, commit), []
-    with (root / "mutmut.log").open("a" if survivors_only else "w") as log:
-        exit_code = mutmut(root, ["run", "--max-children", str(jobs), *names], niceness, log)[0]
+    if not report_only:
+        with (root / "mutmut.log").open("a" if survivors_only else "w") as log:
+            exit_code = mutmut(root, ["run", "--max-children", str(jobs), *names], niceness, log)[0]
     status = results(root, niceness)
     counts = {k: sum(s == k for s in status.values()) for k in COUNTED}
     other = len(status) - sum(counts.values())
     survivors = sorted(n for n, s in status.items() if s in ("survived", "no tests"))
     (root / "survivors.txt").write_text(mutmut(root, ["-c", SHOW, *survivors], niceness, program="python")[1])
     detected = counts["killed"] + counts["timeout"]
+    checked = len(status) - counts["not checked"]  # all of them, unless the run was stopped
     tests = [t for t in TARGETS[module] if (root / t).is_file()]
-    return {"module": module, "tests": tests, "mutants": len(status), **counts, "other": other,
-            "score": round(100.0 * detected / len(status), 1) if status else None,
+    source = (root / "commit.txt").read_text().strip() if (root / "commit.txt").is_file() else "?"
+    return {"module": module, "commit": source, "tests": tests, "mutants": len(status), **counts, "other": other,
+            "score": round(100.0 * detected / checked, 1) if checked else None,
             "exit_code": exit_code, "minutes": round((time.perf_counter() - t0) / 60, 1),
             "survivors": survivors}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| module | mutants | killed | survived | timeouts | no tests | score |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| module | mutants | killed | survived | timeouts | no tests | not run | score |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "-" if r["score"] is None else f"{r['score']:.1f} %"
         lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['timeout']} "
-                     f"| {r['no tests']} | {score} |")
+                     f"| {r['no tests']} | {r['not checked']} | {score} |")
     return "\n".join(lines)
 
 
@@ -197,6 +210,8 @@ def main() -> None:
                    help="test the working tree's files (default: those of the commit checked out, HEAD)")
     p.add_argument("--survivors-only", action="store_true",
                    help="retest only the mutants that survived the last run of each module (after new tests)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: the figures of the last runs (of a stopped one too: score over the mutants run)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that mutmut's session is ended too
     unknown = [m for m in args.modules if m not in TARGETS]
@@ -206,18 +221,22 @@ def main() -> None:
         raise SystemExit(f"error: {VENV_BIN / 'mutmut'} not found; install the dev extra: pip install -e '.[dev]'")
     commit = None if args.worktree else subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                                         text=True, check=True).stdout.strip()
-    print(f"testing {'the working tree' if commit is None else 'commit ' + commit[:7]}", flush=True)
+    if args.report:
+        commit = None
+        print("figures of the last runs under mutants/ (each run's commits: mutants/<name>/commit.txt)", flush=True)
+    else:
+        print(f"testing {'the working tree' if commit is None else 'commit ' + commit[:7]}", flush=True)
     rows = []
     for module in args.modules:
-        row = run_module(module, args.jobs, args.nice, commit, args.survivors_only)
+        row = run_module(module, args.jobs, args.nice, commit, args.survivors_only, args.report)
         rows.append(row)
         print(f"{module}: {row['mutants']} mutants, {row['killed']} killed, {row['survived']} survived, "
-              f"{row['timeout']} timeouts, {row['no tests']} no tests, score {row['score']} % "
+              f"{row['timeout']} timeouts, {row['no tests']} no tests, {row['not checked']} not run, score {row['score']} % "
               f"({row['minutes']} min, mutmut exit code {row['exit_code']}; survivors: "
               f"{(WORK / module.removesuffix('.py').replace('/', '-') / 'survivors.txt').relative_to(REPO)})",
               flush=True)
     print(table(rows))
-    common.emit({"benchmark": "mutation", "commit": commit or "worktree", "rows": [{k: v for k, v in r.items() if k != "survivors"} for r in rows]})
+    common.emit({"benchmark": "mutation", "commit": "report" if args.report else commit or "worktree", "rows": [{k: v for k, v in r.items() if k != "survivors"} for r in rows]})
 
 
 if __name__ == "__main__":
