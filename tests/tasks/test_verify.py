@@ -198,7 +198,7 @@ def prefect_env(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-home-verify")
     with temporary_settings({PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_test_harness(server_startup_timeout=300):  # slow on a loaded machine
             yield home
 
 
@@ -287,9 +287,12 @@ def test_the_pipeline_recomputes_exactly_the_damaged_stages(prefect_env, small_d
 @pytest.mark.slow
 def test_a_full_disk_during_the_pipeline_is_one_line_and_leaves_nothing(prefect_env, small_data, tiny_disk,
                                                                        capsys):
-    """A work directory on a 64 KiB tmpfs: the extract stage's frames do not fit."""
+    """A work directory on a 64 KiB tmpfs with 16 KiB left: the extract stage's frames (14 PNGs of
+    about 4 KiB) do not fit."""
     import flows.cli as cli
 
+    (tiny_disk / "ballast").write_bytes(b"x" * 48 * 1024)
+    ballast = _used(tiny_disk)
     work = tiny_disk / "work"
     code = cli.main(["--data-dir", str(small_data), "--work-dir", str(work), "--preset", "smoke", "--epochs", "1"])
     err = capsys.readouterr().err
@@ -298,5 +301,5 @@ def test_a_full_disk_during_the_pipeline_is_one_line_and_leaves_nothing(prefect_
     assert line.startswith(f"error: {work / 'extract'}/") and line.endswith(
         ".partial: No space left on device (while writing the extract stage)"), line
     assert os.listdir(work / "extract") == [] and not (work / "runs").exists()
-    assert _used(tiny_disk) < 16384
+    assert _used(tiny_disk) <= ballast + 8192, "the partial folder's space was not freed"
     shutil.rmtree(work)
