@@ -222,3 +222,20 @@ def test_an_image_without_its_mask_alone_is_an_error_and_other_files_are_ignored
 def test_repeated_frame_ids_are_named() -> None:
     with pytest.raises(ValueError, match=r"repeated: \['b', 'd'\]$"):
         assign_subsets(["a", "b", "b", "c", "d", "d", "e"])
+
+
+def test_a_split_of_one_volume_written_before_volumes_existed_reads_as_volume_0(tmp_path: Path) -> None:
+    # split.csv of earlier runs has four columns: its labelled frames are one volume "0" and its
+    # test frames the volume "test", each indexed in frame-name order
+    (tmp_path / "split.csv").write_text(
+        "frame_id,subset,image,mask\n"
+        "00000,val,val/image/00000.png,val/mask/00000.png\n"
+        "00002,train,train/image/00002.png,train/mask/00002.png\n"
+        "00001,train,train/image/00001.png,train/mask/00001.png\n"
+        "00001,test,test_imgs/00001.png,\n"
+        "00000,test,test_imgs/00000.png,\n")
+    table = read_split(tmp_path)
+    assert list(table.columns) == SPLIT_COLUMNS
+    assert table["volume"].tolist() == ["0", "0", "0", "test", "test"]
+    assert table["index"].tolist() == ["0", "2", "1", "1", "0"]
+    assert table["mask"].tolist()[3:] == ["", ""]
