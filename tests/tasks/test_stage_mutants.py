@@ -169,7 +169,7 @@ def test_the_manifest_says_what_produced_the_folder(tmp_path):
 
 
 def test_run_stage_outside_a_task_needs_its_inputs():
-    with pytest.raises(RuntimeError, match="inside a Prefect task run"):
+    with pytest.raises(RuntimeError, match=r"^current_inputs\(\) must be called inside a Prefect task run$"):
         current_inputs()
     with pytest.raises(RuntimeError, match="inside a Prefect task run"):
         run_stage(StagePolicy(stage="demo", code=("tasks/stage.py",)), lambda folder: {})
@@ -252,3 +252,23 @@ def test_call_stage_with_verify_checks_hashes_and_reruns_a_cache_hit_edited_in_p
     assert (name, result) == ("Completed", fresh) and [refresh for refresh, _ in calls] == [False, True]
     assert task.verified is True
     assert stage._VERIFY.get() is False  # verifying() ends with the call
+
+
+def test_inside_a_task_run_stage_keys_the_tasks_parameters(tmp_path, monkeypatch):
+    # the running task's context stands in for Prefect's (a real task run needs a Prefect server:
+    # the flow tests run those); current_inputs hands out a copy of its parameters
+    import prefect.context
+
+    parameters = {"n": 4, "work_dir": str(tmp_path)}
+
+    class Context:
+        @staticmethod
+        def get():
+            return type("TaskRun", (), {"parameters": parameters})()
+
+    monkeypatch.setattr(prefect.context, "TaskRunContext", Context)
+    got = current_inputs()
+    assert got == parameters and got is not parameters
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    result = run_stage(policy, lambda folder: {})
+    assert result["key"] == policy.content_key(parameters) and Path(result["output"]).parent.parent == tmp_path
