@@ -44,7 +44,7 @@ WORK = REPO / "mutants"
 # small project.
 TARGETS = {
     "unet/metrics.py": ["tests/unet/test_metrics.py", "tests/unet/test_properties.py"],
-    "unet/split.py": ["tests/unet/test_split.py", "tests/unet/test_properties.py"],
+    "unet/split.py": ["tests/unet/test_split.py", "tests/unet/test_properties.py", "tests/unet/test_several_volumes.py"],
     "unet/align.py": ["tests/unet/test_align.py"],
     "unet/segment.py": ["tests/unet/test_segment_cells.py"],
     "tasks/stage.py": ["tests/tasks/test_stage.py", "tests/tasks/test_stage_mutants.py", "tests/tasks/test_verify.py",
