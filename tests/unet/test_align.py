@@ -173,6 +173,10 @@ def test_the_search_stays_within_max_shift_and_on_the_step_grid(labels):
     assert (a.dy, a.dx) == (-0.5, 0.0)
     a = estimate_shift(moved, labels, max_shift=1.5, step=0.5)
     assert (a.dy, a.dx) == (-1.5, 0.0)
+    # an even number of steps on one axis and an odd one on the other: found by the fine search's
+    # neighbours in the coarse optimum's own row
+    a = estimate_shift(_moved(labels, 1.0, 0.5), labels, max_shift=1.5, step=0.5)
+    assert (a.dy, a.dx) == (-1.0, -0.5)
     assert estimate_shift(moved, labels, max_shift=0.0).is_zero  # no search at all
     with pytest.raises(ValueError, match="step > 0"):
         estimate_shift(moved, labels, step=0.0)
