@@ -67,14 +67,18 @@ def export_model(model: str, work_dir: str, out: str) -> dict:
 @task(name="export_champion", cache_policy=NO_CACHE)
 def export_champion(work_dir: str) -> str:
     """``<work_dir>/champion-export/`` for the current champion, written again only when the
-    champion changed (its checkpoint's sha256 differs from the export's)."""
+    champion changed (its checkpoint's sha256 differs from the export's) or the export lacks an
+    int8 model that the champion's training frames allow."""
     from unet.export import SIDECAR
 
     out = Path(work_dir) / CHAMPION_EXPORT
     champion = json.loads((Path(work_dir) / "champion.json").read_text())
     checkpoint = Path(champion["model"]["output"]) / champion["model"]["best_checkpoint"]
     current = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    if current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint) and "onnx_int8" in current["files"]:
+    same_weights = current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint)
+    # an export without int8 is written again once the model's training frames are there to calibrate on
+    has_int8 = bool(current.get("files", {}).get("onnx_int8"))
+    if same_weights and (has_int8 or not training_frames(resolve_model("champion", work_dir))):
         get_run_logger().info("champion export up to date: %s", out)
         return str(out)
     record = export_model("champion", work_dir, str(out))
