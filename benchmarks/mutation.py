@@ -50,10 +50,11 @@ TARGETS = {
     "tasks/stage.py": ["tests/tasks/test_stage.py", "tests/tasks/test_stage_mutants.py", "tests/tasks/test_verify.py",
                        "tests/robustness/test_stage_writes.py"],
 }
-# Tests left out: mutmut forks one process per mutant from a process that has imported MindSpore, and
-# MindSpore's dataset pipeline hangs in a forked process (every mutant that reached this test timed out).
-# test_verify's tiny_disk tests mount a tmpfs, which a mutant's process ended on timeout would leave
-# mounted; test_stage_writes.py tests the same full-disk paths with a simulated ENOSPC.
+# Tests left out. test_case_metrics_in_model_eval: mutmut forks one process per mutant from a process
+# that has imported MindSpore, and MindSpore's dataset pipeline hangs in a forked process (every
+# mutant that reached this test timed out). test_verify's tiny_disk tests mount a tmpfs, which a
+# mutant's process ended on timeout would leave mounted; test_stage_writes.py tests the same
+# full-disk paths with a simulated ENOSPC.
 DESELECTED = {
     "unet/metrics.py": ["tests/unet/test_metrics.py::test_case_metrics_in_model_eval"],
     "tasks/stage.py": ["tests/tasks/test_verify.py::test_a_full_disk_in_a_build_removes_the_partial_folder",
