@@ -230,9 +230,22 @@ def stage_warnings(monkeypatch):
     return found
 
 
+def _consoles_to_this_tests_stderr() -> None:
+    """Prefect's console handlers keep the stream they were made with: in-process runs of an
+    earlier test left them writing into that test's closed capture ("--- Logging error ---")."""
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if hasattr(handler, "console"):
+                handler.console.file = sys.stderr
+
+
 def _run(args: list[str], capsys) -> dict:
     import flows.cli as cli
 
+    _consoles_to_this_tests_stderr()
     code = cli.main(args)
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
@@ -279,11 +292,14 @@ def test_the_pipeline_recomputes_exactly_the_damaged_stages(prefect_env, small_d
     assert _run([*args, "--verify"], capsys)["states"] == _only("extract")
     assert "images/00003.png: content differs from its sha256 in the manifest" in stage_warnings[2]
     assert len(stage_warnings) == 3
-    # every stage whole again, each file as the first run wrote it
+    # every stage whole again, each file as the first run wrote it (but history.csv: it holds each
+    # epoch's seconds, which a second training does not repeat)
     for s in STAGES:
         assert find_damage(folders[s], verify=True) is None
         files = json.loads((folders[s] / "manifest.json").read_text())["files"]
-        assert {k: v["sha256"] for k, v in files.items()} == {k: v["sha256"] for k, v in reference[s].items()}, s
+        assert files.keys() == reference[s].keys(), s
+        assert ({k: v["sha256"] for k, v in files.items() if k != "history.csv"}
+                == {k: v["sha256"] for k, v in reference[s].items() if k != "history.csv"}), s
 
 
 @pytest.mark.slow
@@ -296,6 +312,7 @@ def test_a_full_disk_during_the_pipeline_is_one_line_and_leaves_nothing(prefect_
     (tiny_disk / "ballast").write_bytes(b"x" * 48 * 1024)
     ballast = _used(tiny_disk)
     work = tiny_disk / "work"
+    _consoles_to_this_tests_stderr()
     code = cli.main(["--data-dir", str(small_data), "--work-dir", str(work), "--preset", "smoke", "--epochs", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
