@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.segment import THRESHOLD, resolve_model
-from tasks.stage import file_digest
+from tasks.stage import _locked, file_digest
 
 CHAMPION_EXPORT = "champion-export"
 
@@ -72,16 +72,19 @@ def export_champion(work_dir: str) -> str:
     from unet.export import SIDECAR
 
     out = Path(work_dir) / CHAMPION_EXPORT
-    champion = json.loads((Path(work_dir) / "champion.json").read_text())
-    checkpoint = Path(champion["model"]["output"]) / champion["model"]["best_checkpoint"]
-    current = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    same_weights = current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint)
-    # an export without int8 is written again once the model's training frames are there to calibrate on
-    has_int8 = bool(current.get("files", {}).get("onnx_int8"))
-    if same_weights and (has_int8 or not training_frames(resolve_model("champion", work_dir))):
-        get_run_logger().info("champion export up to date: %s", out)
-        return str(out)
-    record = export_model("champion", work_dir, str(out))
+    # two runs on one work dir: the second waits, then finds the export up to date (the writers'
+    # temporary files have fixed names beside the export)
+    with _locked(Path(work_dir) / ".locks" / f"{CHAMPION_EXPORT}.lock"):
+        champion = json.loads((Path(work_dir) / "champion.json").read_text())
+        checkpoint = Path(champion["model"]["output"]) / champion["model"]["best_checkpoint"]
+        current = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
+        same_weights = current.get("sha256", {}).get("checkpoint") == file_digest(checkpoint)
+        # an export without int8 is written again once the model's training frames are there to calibrate on
+        has_int8 = bool(current.get("files", {}).get("onnx_int8"))
+        if same_weights and (has_int8 or not training_frames(resolve_model("champion", work_dir))):
+            get_run_logger().info("champion export up to date: %s", out)
+            return str(out)
+        record = export_model("champion", work_dir, str(out))
     get_run_logger().info("champion exported to %s (ONNX %s..., int8: %s)", out, record["sha256"]["onnx"][:12],
                           f"calibrated on {record['int8']['calibration_frames']} training frames"
                           if record["int8"] else "none, its training frames were not found")
