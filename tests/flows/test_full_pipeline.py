@@ -11,8 +11,8 @@ import pytest
 import tifffile
 
 pytestmark = pytest.mark.slow
-# CI's slice (`make test`): the first run, the cached rerun, reruns of the last stages and the CLI. The
-# reruns that retrain (epochs, --refresh, a changed byte, another split) run in `make test-all`.
+# CI's slice (`make test`): the first run, the cached rerun, reruns of the last stages. The CLI run from
+# scratch and the reruns that retrain (epochs, --refresh, a changed byte, another split) run in `make test-all`.
 ci_slice = pytest.mark.ci_slice
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,7 +169,6 @@ def test_one_changed_byte_of_the_volume_reruns_everything(pipeline, data_dir, fi
     assert states(pipeline(changed, work)) == only(*STAGES)
 
 
-@ci_slice
 def test_cli_second_run_reports_all_cached(data_dir, tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"),
            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "home" / "storage")}

@@ -288,7 +288,7 @@ def test_the_champion_export_segments_with_onnx_runtime_alone(segment, smoke_wor
     assert record["train_key"] == champion["model"]["key"] and record["recipe"] == champion["recipe"]
     assert record["threshold"] == 0.5 and record["training_data"].startswith("datasets:")
     assert record["val"]["iou"] == pytest.approx(pipeline["metrics"]["val_native"]["iou"])
-    assert {p.name for p in export.iterdir()} == {"model.onnx", "model.mindir", "model.json"}
+    assert {p.name for p in export.iterdir()} == {"model.onnx", "model.int8.onnx", "model.mindir", "model.json"}
     reference = tmp_path / "checkpoint.ome.zarr"
     segment(isbi_dir / "test-volume.tif", reference, work_dir=str(work))
     out = tmp_path / "export.ome.zarr"
