@@ -79,16 +79,23 @@ def test_a_truncated_or_deleted_file_is_logged_and_the_stage_built_again(tmp_pat
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # the damaged copy is gone
 
 
-def test_an_edit_of_the_same_size_is_found_by_verify_only(tmp_path, finished_stage, warnings):
-    folder, calls = finished_stage
-    (folder / "sub" / "data.bin").write_bytes(b"0123456780")
-    assert find_damage(folder) is None  # the cheap check only sees sizes
+def _reused_then_rebuilt_under_verify(tmp_path, calls, warnings) -> str:
+    """Run the stage twice: reused without a warning, then built again under verifying(); returns
+    the one warning the second run logged."""
     run_stage(POLICY, _writer(calls), _inputs(tmp_path / "work"))
     assert len(calls) == 1 and warnings() == []
     with verifying():
         run_stage(POLICY, _writer(calls), _inputs(tmp_path / "work"))
     assert len(calls) == 2
     [line] = warnings()
+    return line
+
+
+def test_an_edit_of_the_same_size_is_found_by_verify_only(tmp_path, finished_stage, warnings):
+    folder, calls = finished_stage
+    (folder / "sub" / "data.bin").write_bytes(b"0123456780")
+    assert find_damage(folder) is None  # the cheap check only sees sizes
+    line = _reused_then_rebuilt_under_verify(tmp_path, calls, warnings)
     assert "sub/data.bin: content differs from its sha256 in the manifest" in line
     assert (folder / "sub" / "data.bin").read_bytes() == b"0123456789"
 
@@ -100,12 +107,7 @@ def test_a_folder_of_an_older_version_is_reused_and_recomputed_under_verify(tmp_
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["files"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    run_stage(POLICY, _writer(calls), _inputs(tmp_path / "work"))
-    assert len(calls) == 1 and warnings() == []
-    with verifying():
-        run_stage(POLICY, _writer(calls), _inputs(tmp_path / "work"))
-    assert len(calls) == 2
-    [line] = warnings()
+    line = _reused_then_rebuilt_under_verify(tmp_path, calls, warnings)
     assert "written by an older version" in line
     assert "files" in json.loads((folder / "manifest.json").read_text())
 
