@@ -16,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # before any thread starts: a Ctrl-C stays SIGINT under MindSpore (flows/sigint.py)
+    from flows.sigint import forward_sigint
+
+    forward_sigint()
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")

@@ -24,6 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+# As flows/full_pipeline.py does first thing: the hooks below import MindSpore (threads start), after
+# which the pipeline's own call can no longer turn forwarding on and a Ctrl-C in training became
+# SIGTERM (exit 143) — a fault of this harness, not of the pipeline.
+from flows.sigint import forward_sigint  # noqa: E402
+
+forward_sigint()
+
 FAULT = os.environ["FAULT"]
 _count = []
 
