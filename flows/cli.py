@@ -21,7 +21,8 @@ import types
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-from flows.full_pipeline import RECIPE_OVERRIDES, full_pipeline, resolve_recipe, resolve_scales
+from flows.full_pipeline import full_pipeline
+from flows.parameters import RECIPE_OVERRIDES, resolve_recipe, resolve_scales
 from flows.watchdog import watch_for_orphans
 from tasks.report import format_console
 from tasks.stage import _locked

@@ -28,6 +28,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")
 
 from prefect import flow, get_run_logger, runtime  # noqa: E402
 
+from flows.parameters import extract_parameters, resolve_recipe, resolve_scales  # noqa: E402
 from tasks.datasets import build_datasets  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_champion  # noqa: E402
@@ -38,54 +39,8 @@ from tasks.report import build_summary, publish_artifacts, write_summary  # noqa
 from tasks.split import split_dataset  # noqa: E402
 from tasks.stage import call_stage  # noqa: E402
 from tasks.train import train_unet  # noqa: E402
-from unet.data_list import DEFAULT_DATA_DIR, ISBI_FILES, TrainingInputs, isbi_inputs, resolve_inputs  # noqa: E402
-from unet.labels import DEFAULT_MEMBRANE_WIDTH, check_membrane_width  # noqa: E402
-from unet.recipes import get_preset  # noqa: E402
-
-VOLUMES = ISBI_FILES
-
-
-# The flow parameters (and CLI options) that override a field of the preset's recipe.
-RECIPE_OVERRIDES = ("epochs", "batch_size", "image_size", "base_channels", "learning_rate", "tta", "seed",
-                    "register_labels", "sections")
-
-
-# Each preset's test-time scales for its native-size predictions (default: the frame as it is).
-# Inference only: changing them re-runs evaluate and predict, never training. fullres: measured on its
-# champion, docs/results.md#test-time-scales.
-TTA_SCALES = {"fullres": (0.875, 1.0, 1.125)}
-
-
-def resolve_scales(preset: str, tta_scales: list[float] | None = None) -> list[float]:
-    """The given test-time scales, else the preset's; ValueError outside 0.25..4."""
-    scales = [float(s) for s in (tta_scales or TTA_SCALES.get(preset, (1.0,)))]
-    if any(not 0.25 <= s <= 4.0 for s in scales):
-        raise ValueError(f"tta_scales must be between 0.25 and 4, got {scales}")
-    return scales
-
-
-def resolve_recipe(preset: str, **overrides) -> dict:
-    """The preset with the given overrides, validated (ValueError on a bad value). ``sections=3``
-    also sets ``in_channels`` to 3: one input channel per section."""
-    if overrides.get("sections") == 3:
-        overrides["in_channels"] = 3
-    return get_preset(preset).replace(**overrides).to_dict()
-
-
-def volume_paths(data_dir: str) -> dict[str, str]:
-    """The three ISBI stacks in ``data_dir``; FileNotFoundError naming what is missing."""
-    inputs = isbi_inputs(data_dir)
-    pair, = inputs.pairs
-    return {"train_volume": pair["image"], "train_labels": pair["labels"], "test_volume": inputs.test_volume}
-
-
-def extract_parameters(inputs: TrainingInputs, membrane_width: int) -> dict:
-    """The extract stage's inputs: the pairs, the test volume, and the membrane width when a pair
-    holds instance labels (the only ones it changes, so only their key depends on it)."""
-    instances = any(pair["kind"] == "instances" for pair in inputs.pairs)
-    return {"pairs": [dict(pair) for pair in inputs.pairs], "test_volume": inputs.test_volume,
-            "membrane_width": check_membrane_width(membrane_width) if instances else None}
-
+from unet.data_list import DEFAULT_DATA_DIR, resolve_inputs  # noqa: E402
+from unet.labels import DEFAULT_MEMBRANE_WIDTH  # noqa: E402
 
 SEGMENT_HINT = "segment new data with the champion: python flows/segment.py VOLUME (README: Segment your own volume)"
 
@@ -113,7 +68,7 @@ def full_pipeline(data_dir: str | None = None, work_dir: str = "artifacts", pres
     their images' membranes (unet.data.label_offset). ``image_size`` (default: the preset's): the side
     of the training crops (crop recipes) or of the resized frames (resize recipes). ``sections``
     (default: the preset's): 3 feeds each frame between its neighbouring sections (2.5D).
-    ``tta_scales`` (default: the preset's, ``TTA_SCALES``): average the native-size predictions of
+    ``tta_scales`` (default: the preset's, ``flows.parameters.TTA_SCALES``): average the native-size predictions of
     the frame resized by each. ``verify``: check reused stage folders against their files' sha256."""
     recipe = resolve_recipe(preset, epochs=epochs, batch_size=batch_size, image_size=image_size,
                             base_channels=base_channels, learning_rate=learning_rate, tta=tta, seed=seed,

@@ -15,7 +15,7 @@ import tifffile
 from skimage.measure import label
 
 from flows.cli import EXIT_FAILED, EXIT_USAGE, main
-from flows.full_pipeline import extract_parameters
+from flows.parameters import extract_parameters
 from tasks.extract import POLICY as EXTRACT
 from unet.data_list import read_data_list, resolve_inputs
 

@@ -342,7 +342,7 @@ def test_bad_tta_scales_are_one_line(scales, fragment, isbi_dir, tmp_path, flow_
 
 
 def test_presets_test_time_scales():
-    from flows.full_pipeline import resolve_scales
+    from flows.parameters import resolve_scales
 
     assert resolve_scales("fullres") == [0.875, 1.0, 1.125]
     assert resolve_scales("seed") == [1.0] and resolve_scales("smoke") == [1.0]

@@ -106,7 +106,7 @@ def test_recipe_checks_sections():
 
 
 def test_the_flow_gives_a_three_section_recipe_three_input_channels():
-    from flows.full_pipeline import resolve_recipe
+    from flows.parameters import resolve_recipe
 
     recipe = resolve_recipe("fullres", sections=3)
     assert recipe["sections"] == 3 and recipe["in_channels"] == 3
