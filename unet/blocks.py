@@ -31,7 +31,7 @@ from skimage.measure import label
 from skimage.segmentation import expand_labels
 
 from unet.align import shift
-from unet.backends import Predictor, predict_views, tta_level
+from unet.tta import Predictor, predict_views, tta_level
 from unet.data import to_network_input
 from unet.recipes import Recipe
 

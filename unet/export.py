@@ -19,7 +19,16 @@ import numpy as np
 from unet.recipes import Recipe
 
 OPSET = 17
+PRECISIONS = ("fp32", "int8")
 BN_EPS = 1e-5  # mindspore.nn.BatchNorm2d's default, which unet.model uses
+
+
+def check_precision(precision: str, backend: str = "onnxruntime") -> None:
+    """ValueError unless ``precision`` is one of :data:`PRECISIONS` and runs on ``backend``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "onnxruntime":
+        raise ValueError(f"precision int8 runs on onnxruntime, not {backend}")
 
 
 def checkpoint_weights(checkpoint: Path | str) -> dict[str, np.ndarray]:
@@ -115,7 +124,7 @@ def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, si
 
     import mindspore as ms
 
-    from unet.backends import load_model
+    from unet.checkpoint import load_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,8 +234,6 @@ def model_file(folder: Path | str, precision: str = "fp32") -> Path:
     """The ONNX file of the export in ``folder`` at ``precision`` (model.json names it); one-line
     errors for a folder without model.json, an unknown precision or an export without int8."""
     import json
-
-    from unet.backends import check_precision
 
     check_precision(precision)
     sidecar = Path(folder) / SIDECAR

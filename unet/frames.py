@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+from unet.formats import other_format
 from unet.labels import DEFAULT_MEMBRANE_WIDTH, cell_masks
 
 logger = logging.getLogger(__name__)
@@ -128,24 +129,15 @@ def _read_series(tif: tifffile.TiffFile, path: Path,
     return series[0].asarray(), str(series[0].axes)
 
 
-# Signatures of files that get renamed to .tif by mistake: named in the error instead of
-# tifffile's "not a TIFF file b'\\x89PNG...'".
-_OTHER_FORMATS = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-    (b"BM", "a BMP image"), (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"\x93NUMPY", "a NumPy .npy file"),
-    (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip archive"),
-)
-
-
 def _sniff(path: Path) -> None:
     """_Rejected for an empty file or one that starts like another known format."""
     with path.open("rb") as f:
         head = f.read(8)
     if not head:
         raise _Rejected("empty file, 0 bytes")
-    for magic, name in _OTHER_FORMATS:
-        if head.startswith(magic):
-            raise _Rejected(f"the file is {name}, not a TIFF; renamed?")
+    name = other_format(head)
+    if name is not None:
+        raise _Rejected(f"the file is {name}, not a TIFF; renamed?")
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, str]:

@@ -27,6 +27,8 @@ import numpy as np
 import tifffile
 import zarr
 
+from unet.formats import other_format
+
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 64
@@ -193,9 +195,7 @@ def _sniff(path: Path) -> None:
     if not head:
         raise ValueError(f"{path}: empty file, 0 bytes (expected a TIFF stack)")
     if not (head.startswith(b"II") or head.startswith(b"MM")):
-        from unet.frames import _OTHER_FORMATS
-
-        what = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), "not a TIFF file")
+        what = other_format(head) or "not a TIFF file"
         raise ValueError(f"{path}: not a readable TIFF stack ({what}; expected a TIFF stack, a folder of "
                          "frames or a Zarr array)")
 

@@ -47,11 +47,15 @@ EDITS = [
     ("tasks/train.py", {"train", "evaluate"}),
     ("unet/blocks.py", {"evaluate", "predict"}),
     ("unet/backends.py", {"evaluate", "predict"}),
+    ("unet/tta.py", {"evaluate", "predict"}),  # the views of unet/blocks.py and unet/backends.py
+    ("unet/checkpoint.py", {"evaluate", "predict"}),  # unet/infer.py's load_model (through backends)
+    ("unet/formats.py", {"extract"}),  # unet/frames.py's check of renamed files
     ("unet/viz.py", {"evaluate", "predict"}),
     ("unet/volume_io.py", {"extract"}),  # reads training volumes given as folders of frames or Zarr arrays
     ("unet/labels.py", {"extract"}),
     ("tasks/segment.py", set()),
     ("flows/cli.py", set()),
+    ("flows/parameters.py", set()),
 ]
 
 
