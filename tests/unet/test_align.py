@@ -182,3 +182,51 @@ def test_the_search_stays_within_max_shift_and_on_the_step_grid(labels):
         estimate_shift(moved, labels, step=0.0)
     with pytest.raises(ValueError, match="max_shift >= 0"):
         estimate_shift(moved, labels, max_shift=-0.25)
+
+
+# --- found by mutation testing (benchmarks/mutation.py) -------------------------------------------
+
+def _scored_shifts(monkeypatch, prob, target, **kwargs):
+    """estimate_shift's answer and the shifts it scored, in the order scored, in steps."""
+    import unet.align as align
+
+    scored, real = [], align.shift
+    step = kwargs.get("step", 0.25)
+
+    def spy(p, dy, dx):
+        if np.ndim(p) == 3:  # not the calls for its frames that shift makes itself
+            scored.append((round(dy / step), round(dx / step)))
+        return real(p, dy, dx)
+
+    monkeypatch.setattr(align, "shift", spy)
+    return estimate_shift(prob, target, **kwargs), scored
+
+
+@pytest.mark.parametrize("max_shift, step, grid", [
+    (1.5, 0.25, range(-6, 7, 2)),  # 6 steps each way, an even number: the grid includes the window's edges
+    (1.5, 0.5, range(-2, 3, 2)),  # 3 steps, odd: every other step from -2, so that 0 is on the grid
+])
+def test_the_search_scores_the_window_every_two_steps_then_the_neighbours_of_the_best(monkeypatch, labels, max_shift,
+                                                                                      step, grid):
+    # the docstring's coarse-to-fine search, which sets its cost: no shift first, then every second
+    # grid point of the whole window, then the eight one-step neighbours of the best of those
+    # (49 + 8 shifts scored for the defaults instead of all 13 x 13); each shift scored once
+    labels = labels[:1, :64, :64]
+    a, scored = _scored_shifts(monkeypatch, _moved(labels, 1.0, 0.0), labels, max_shift=max_shift, step=step)
+    best = (round(-1.0 / step), 0)  # on both grids: found by the coarse search already
+    assert (a.dy, a.dx) == (-1.0, 0.0)
+    coarse = {(y, x) for y in grid for x in grid}
+    assert scored[0] == (0, 0) and len(scored) == len(set(scored)) == len(coarse) + 8
+    assert set(scored[:len(coarse)]) == coarse
+    assert set(scored[len(coarse):]) == {(best[0] + i, best[1] + j) for i in (-1, 0, 1) for j in (-1, 0, 1)} - {best}
+
+
+def test_the_smallest_frame_with_an_inner_pixel_to_score_is_accepted():
+    # up to 1.5 px, the error is scored 3 px (ceil(1.5) + 1) away from every border: 7 px leave one
+    # row and column to score, 6 px none
+    rng = np.random.default_rng(1)
+    target = (rng.random((2, 7, 7)) < 0.5).astype(np.uint8)
+    a = estimate_shift(target.astype(np.float32), target)
+    assert a.is_zero and a.mse_before == 0.0
+    with pytest.raises(ValueError, match=r"frames of \(6, 7\) are too small"):
+        estimate_shift(np.zeros((1, 6, 7)), np.zeros((1, 6, 7)))
