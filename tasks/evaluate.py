@@ -77,8 +77,10 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
             unaligned += list(preds.unaligned_prob) if align else []
         val_masks = read_mask_frames([m for _, m in val_pairs])
         metrics["val_native"] = native_scores(probs, val_masks)
-        if align:
-            metrics["val_native_unaligned"] = native_scores(unaligned, val_masks)
+        if align:  # a zero shift leaves the predictions as they are: the same scores, not scored twice
+            moved = (alignment.dy, alignment.dx) != (0, 0)
+            metrics["val_native_unaligned"] = (native_scores(unaligned, val_masks) if moved
+                                               else dict(metrics["val_native"]))
         metrics["alignment"] = {"applied": align, **alignment.to_dict()}
         metrics["tta_scales"] = list(scales)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))

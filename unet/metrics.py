@@ -14,7 +14,6 @@ import numpy as np
 from mindspore import Tensor
 from mindspore.train import Metric, rearrange_inputs
 from skimage.measure import label
-from skimage.metrics import adapted_rand_error, variation_of_information
 
 __all__ = [
     "CASE_METRICS",
@@ -286,21 +285,82 @@ def _label_images(name: str, a: Any) -> np.ndarray:
     return arr
 
 
-def _entropy(labels: np.ndarray) -> float:
-    """Shannon entropy in bits of the label frequencies of ``labels``: ``-sum_k q_k log2 q_k``."""
-    _, counts = np.unique(labels, return_counts=True)
+def _entropy(counts: np.ndarray) -> float:
+    """Shannon entropy in bits of a distribution given by its (non-zero) counts: ``-sum_k q_k log2 q_k``."""
     q = counts / counts.sum()
     return float(-np.sum(q * np.log2(q)))
 
 
-def _all_singletons(labels: np.ndarray) -> bool:
-    return bool(np.all(np.unique(labels, return_counts=True)[1] == 1))
+def _consecutive(labels: np.ndarray) -> np.ndarray:
+    """``labels`` (non-negative ints, 1-D) as they are when their values are small (bincount-able),
+    else renumbered 0..k-1 in the same order."""
+    if labels.max() < 4 * labels.size + 1024:
+        return labels.astype(np.int64, copy=False)
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Overlap:
+    """The contingency table of two label images over the gt-foreground pixels: ``joint`` the
+    non-zero pixel counts n_ij, ``joint_gt`` the gt segment size a_i of each, ``gt`` and ``pred`` the
+    non-zero segment sizes a_i and b_j, ``n`` the number of pixels. One table serves both scores
+    (scikit-image builds a sparse one per score, and two for V_info)."""
+    joint: np.ndarray
+    joint_gt: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    n: int
+
+
+def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
+    fg = gt != 0
+    g, s = gt[fg].ravel(), pred[fg].ravel()
+    if g.size == 0:
+        empty = np.zeros(0)
+        return _Overlap(empty, empty, empty, empty, 0)
+    g, s = _consecutive(g), _consecutive(s)
+    width = int(s.max()) + 1
+    gt_sizes, pred_sizes = np.bincount(g), np.bincount(s)
+    pairs = g * width + s
+    if int(g.max()) * width < 8 * pairs.size + (1 << 20):
+        joint = np.bincount(pairs)
+        index = np.flatnonzero(joint)
+        joint = joint[index]
+    else:  # many segments on both sides: count the pairs that occur only
+        index, joint = np.unique(pairs, return_counts=True)
+    return _Overlap(joint.astype(np.float64), gt_sizes[index // width].astype(np.float64),
+                    gt_sizes[gt_sizes > 0].astype(np.float64), pred_sizes[pred_sizes > 0].astype(np.float64),
+                    int(g.size))
+
+
+def _rand_of(t: _Overlap) -> float:
+    """V_rand from the table, as ``1 - skimage.metrics.adapted_rand_error(...)[0]`` computes it."""
+    if t.n == 0 or (np.all(t.gt == 1) and np.all(t.pred == 1)):
+        return 1.0
+    same = t.joint @ t.joint - t.n
+    return float(same / (0.5 * (t.gt @ t.gt - t.n) + 0.5 * (t.pred @ t.pred - t.n)))
+
+
+def _info_of(t: _Overlap) -> float:
+    """V_info from the table; ``H(S|T) = -sum_ij n_ij/N log2(n_ij / a_i)`` (0 exactly when every
+    predicted segment lies in one gt segment)."""
+    if t.n == 0:
+        return 1.0
+    h_s, h_t = _entropy(t.pred), _entropy(t.gt)
+    h_s_given_t = float(-np.sum(t.joint / t.n * np.log2(t.joint / t.joint_gt)))
+    mutual = min(max(h_s - h_s_given_t, 0.0), h_s, h_t)  # clip float round-off
+    precision = 1.0 if h_s == 0 else mutual / h_s
+    recall = 1.0 if h_t == 0 else mutual / h_t
+    if precision + recall == 0:
+        return 0.0
+    return 2.0 * precision * recall / (precision + recall)
 
 
 def v_rand(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
     """Foreground-restricted Rand F-score (ISBI 2012 V_rand) of one label image.
 
-    ``V_rand = 1 - adapted_rand_error(gt_labels, pred_labels, ignore_labels=(0,))[0]``, i.e. with
+    The value of ``1 - skimage.metrics.adapted_rand_error(gt_labels, pred_labels,
+    ignore_labels=(0,))[0]`` (to float round-off; tests/unet/test_metrics.py checks it), i.e. with
     ``n_ij`` the number of gt-foreground pixels in gt segment ``i`` and predicted segment ``j``,
     ``a_i = sum_j n_ij``, ``b_j = sum_i n_ij`` and ``N`` the number of gt-foreground pixels:
 
@@ -321,11 +381,7 @@ def v_rand(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
     gt = _label_images("gt_labels", gt_labels)
     pred = _label_images("pred_labels", pred_labels)
     _same_shape(("gt_labels", "pred_labels"), gt, pred)
-    fg = gt != 0
-    if not fg.any() or (_all_singletons(gt[fg]) and _all_singletons(pred[fg])):
-        return 1.0
-    error = adapted_rand_error(gt, pred, ignore_labels=(0,))[0]
-    return 1.0 - float(error)
+    return _rand_of(_overlap(gt, pred))
 
 
 def v_info(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
@@ -333,10 +389,9 @@ def v_info(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
 
     On the pixels where ``gt_labels != 0``, let ``S`` be the predicted label and ``T`` the gt
     label. Entropies are in bits, from the label frequencies over those pixels:
-    ``H(S) = -sum_k q_k log2 q_k`` (same for ``T``) and ``H(S|T)`` from
-    ``variation_of_information(gt_labels, pred_labels, ignore_labels=(0,))``, whose first entry
-    is ``H(image1 | image0)`` = ``H(S|T)`` (false splits) and second ``H(T|S)`` (false merges).
-    Then
+    ``H(S) = -sum_k q_k log2 q_k`` (same for ``T``) and ``H(S|T)`` (false splits) the first entry
+    of ``skimage.metrics.variation_of_information(gt_labels, pred_labels, ignore_labels=(0,))``
+    (computed here from the same contingency table as V_rand; tests check the two agree). Then
 
     ``I(S;T) = H(S) - H(S|T)``, ``P = I / H(S)``, ``R = I / H(T)``, ``V_info = 2 P R / (P + R)``.
 
@@ -354,17 +409,7 @@ def v_info(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
     gt = _label_images("gt_labels", gt_labels)
     pred = _label_images("pred_labels", pred_labels)
     _same_shape(("gt_labels", "pred_labels"), gt, pred)
-    fg = gt != 0
-    if not fg.any():
-        return 1.0
-    h_s, h_t = _entropy(pred[fg]), _entropy(gt[fg])
-    h_s_given_t = float(variation_of_information(gt, pred, ignore_labels=(0,))[0])
-    mutual = min(max(h_s - h_s_given_t, 0.0), h_s, h_t)  # clip float round-off
-    precision = 1.0 if h_s == 0 else mutual / h_s
-    recall = 1.0 if h_t == 0 else mutual / h_t
-    if precision + recall == 0:
-        return 0.0
-    return 2.0 * precision * recall / (precision + recall)
+    return _info_of(_overlap(gt, pred))
 
 
 def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -430,9 +475,10 @@ def segmentation_scores(
     per_threshold: dict[float, dict[str, float]] = {}
     for t in ts:
         preds = [segment(p, t) for p in prob]
+        tables = [_overlap(g, s) for g, s in zip(gts, preds)]  # one table per frame for both scores
         per_threshold[t] = {
-            "v_rand": float(np.mean([v_rand(g, s) for g, s in zip(gts, preds)])),
-            "v_info": float(np.mean([v_info(g, s) for g, s in zip(gts, preds)])),
+            "v_rand": float(np.mean([_rand_of(table) for table in tables])),
+            "v_info": float(np.mean([_info_of(table) for table in tables])),
         }
     best_rand = max(ts, key=lambda t: per_threshold[t]["v_rand"])
     best_info = max(ts, key=lambda t: per_threshold[t]["v_info"])

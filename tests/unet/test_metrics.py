@@ -503,3 +503,48 @@ def test_confusion_counts_are_ints_only():
 def test_errors_name_the_argument_and_what_was_expected(call, error, message):
     with pytest.raises(error, match=message if message.startswith("^") else "^" + message):
         call()
+
+
+# v_rand/v_info compute both scores from one contingency table of their own; scikit-image's
+# adapted_rand_error and variation_of_information are the reference they must equal (to round-off),
+# on real ISBI frames thresholded at several levels (the segmentations the evaluate stage scores),
+# with the membrane filled, and on random label images with large and sparse label values.
+def test_scores_equal_scikit_image_on_real_frames(isbi_dir):
+    import tifffile
+    from skimage.metrics import adapted_rand_error, variation_of_information
+    from skimage.segmentation import expand_labels
+
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[:3]
+    images = tifffile.imread(isbi_dir / "train-volume.tif")[:3]
+    for mask, image in zip(labels, images):
+        gt = label(mask > 127, connectivity=1)
+        for t in (60, 120, 180):
+            pred = label(image >= t, connectivity=1)
+            for seg in (pred, expand_labels(pred, distance=1024)):
+                want_rand = 1.0 - adapted_rand_error(gt, seg, ignore_labels=(0,))[0]
+                assert v_rand(gt, seg) == pytest.approx(want_rand, rel=1e-12, abs=1e-12)
+                h_s_given_t = variation_of_information(gt, seg, ignore_labels=(0,))[0]
+                fg = gt != 0
+                h = {}
+                for name, lab in (("s", seg[fg]), ("t", gt[fg])):
+                    q = np.unique(lab, return_counts=True)[1] / fg.sum()
+                    h[name] = -np.sum(q * np.log2(q))
+                mutual = min(max(h["s"] - h_s_given_t, 0.0), h["s"], h["t"])
+                p, r = mutual / h["s"], mutual / h["t"]
+                assert v_info(gt, seg) == pytest.approx(2 * p * r / (p + r), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scores_equal_scikit_image_on_sparse_label_values(seed):
+    # random labels against scikit-image; then the same segmentations with huge, sparse label values
+    # (the table is built from renumbered labels then; scikit-image would need a dense table of
+    # 10^10 entries) must score the same
+    from skimage.metrics import adapted_rand_error
+
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 6, (40, 50))
+    pred = rng.integers(0, 9, (40, 50))
+    assert v_rand(gt, pred) == pytest.approx(1.0 - adapted_rand_error(gt, pred, ignore_labels=(0,))[0], rel=1e-12)
+    big_gt, big_pred = gt * 1_000_003, pred * 2_000_000_011 + 5
+    assert v_rand(big_gt, big_pred) == pytest.approx(v_rand(gt, pred), rel=1e-12)
+    assert v_info(big_gt, big_pred) == pytest.approx(v_info(gt, pred), rel=1e-12)
