@@ -3,19 +3,24 @@ benchmarks/mutation.py): the import closure on a small project of its own, what 
 the keys and the manifest are made of, and call_stage's rerun of a cache hit whose folder is gone."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
+import os
 import platform
 import time
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import tasks.stage as stage
 from tasks.stage import (NOT_KEYED, PACKAGES, RESULT_PACKAGES, StagePolicy, call_stage, code_closure,
-                         code_version, current_inputs, file_digest, outputs_exist, run_stage)
+                         code_version, current_inputs, file_digest, is_finished, outputs_exist, run_stage)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -272,3 +277,155 @@ def test_inside_a_task_run_stage_keys_the_tasks_parameters(tmp_path, monkeypatch
     policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
     result = run_stage(policy, lambda folder: {})
     assert result["key"] == policy.content_key(parameters) and Path(result["output"]).parent.parent == tmp_path
+
+
+def test_a_dict_parameter_keys_by_content_whatever_its_key_order(tmp_path):
+    # e.g. a recipe's settings given as a dict: the same settings written in another order are the
+    # same stage
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    w = str(tmp_path)
+    assert (policy.content_key({"recipe": {"lr": 0.1, "epochs": 3}, "work_dir": w})
+            == policy.content_key({"recipe": {"epochs": 3, "lr": 0.1}, "work_dir": w}))
+
+
+def test_a_path_parameter_is_recorded_in_the_manifest_as_its_text(tmp_path):
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    inputs = {"model": tmp_path / "model.ckpt", "work_dir": str(tmp_path / "work")}
+    result = run_stage(policy, lambda folder: {"model": tmp_path / "model.ckpt"}, inputs)
+    manifest = json.loads((Path(result["output"]) / "manifest.json").read_text())
+    assert manifest["inputs"] == {"model": str(tmp_path / "model.ckpt")}
+    assert manifest["result"] == {"model": str(tmp_path / "model.ckpt")}
+    assert result["key"] == policy.content_key({**inputs, "model": str(tmp_path / "model.ckpt")})
+
+
+def test_the_manifest_records_the_build_time_to_the_millisecond(tmp_path, monkeypatch):
+    # run_stage times the build alone with perf_counter: here a clock that says 1.23456 s
+    clock = iter([100.0, 101.23456])
+    monkeypatch.setattr(stage, "time", SimpleNamespace(strftime=time.strftime, perf_counter=lambda: next(clock)))
+    result = run_stage(StagePolicy(stage="demo", code=("tasks/stage.py",)), lambda folder: {},
+                       {"work_dir": str(tmp_path)})
+    assert json.loads((Path(result["output"]) / "manifest.json").read_text())["seconds"] == 1.235
+
+
+def test_a_build_holds_the_stages_lock_in_the_work_dirs_lock_folder(tmp_path):
+    # docs/robustness.md: a stage is computed under an exclusive flock on
+    # <work>/.locks/<stage>-<key>.lock, which a second run (or an operator) can find there
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    inputs = {"n": 1, "work_dir": str(tmp_path)}
+    lock = tmp_path / ".locks" / f"demo-{policy.content_key(inputs)}.lock"
+    held = []
+
+    def build(folder):
+        with lock.open("w") as f:  # another open file: flock conflicts with run_stage's lock
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return {}
+
+    run_stage(policy, build, inputs)
+    assert held == [True]
+    with lock.open("w") as f:  # released at the end
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_damaged_folder_is_logged_with_what_happens_instead(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="tasks.stage")
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    inputs = {"n": 1, "work_dir": str(tmp_path)}
+
+    def build(folder):
+        (folder / "out.txt").write_text("x")
+        return {}
+
+    done = Path(run_stage(policy, build, inputs)["output"])
+    (done / "out.txt").write_text("longer")
+    run_stage(policy, build, inputs)
+    (done / "out.txt").unlink()
+    assert not outputs_exist({"output": str(done)})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{done}: damaged stage folder (out.txt: 6 bytes, expected 1); computing the stage again",
+        f"{done}: damaged stage folder (out.txt: missing); not used"]
+
+
+def _undeletable(monkeypatch, name: str) -> None:
+    """Files called ``name`` cannot be deleted (as a file held busy on a network file system)."""
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == name:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
+def test_a_folder_that_cannot_be_removed_entirely_does_not_fail_the_stage(tmp_path, monkeypatch):
+    # what a stage removes is its own leftovers: a file that will not go is left behind, never an
+    # error that loses the stage's result (or hides the build's own error)
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+    inputs = {"n": 1, "work_dir": str(tmp_path)}
+
+    def build(folder):
+        (folder / "stuck.txt").write_text("x")
+        return {"n": 1}
+
+    final = Path(run_stage(policy, build, inputs)["output"])
+    _undeletable(monkeypatch, "stuck.txt")
+    # a refresh moves the finished folder aside and removes it
+    assert run_stage(policy, build, {**inputs, "refresh": True})["n"] == 1
+    assert is_finished(final) and [p.name for p in final.parent.glob("*.old-*")] != []
+    # the next run removes such stale folders first
+    assert run_stage(policy, build, inputs)["n"] == 1
+
+    def failing(folder):
+        (folder / "stuck.txt").write_text("x")
+        raise ValueError("the build's own error")
+
+    with pytest.raises(ValueError, match="the build's own error"):
+        run_stage(policy, failing, {"n": 2, "work_dir": str(tmp_path)})
+
+
+def test_only_an_oserror_without_a_file_name_is_reworded(tmp_path):
+    # an error naming its file says where it happened already; any other error passes unchanged
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+
+    def missing(folder):
+        open(folder / "gone" / "x.txt")
+
+    with pytest.raises(FileNotFoundError) as err:
+        run_stage(policy, missing, {"n": 1, "work_dir": str(tmp_path)})
+    assert err.value.filename.endswith("gone/x.txt") and "while writing" not in str(err.value)
+
+    def no_errno(folder):
+        raise OSError("disk said no")
+
+    with pytest.raises(OSError) as err:
+        run_stage(policy, no_errno, {"n": 2, "work_dir": str(tmp_path)})
+    assert str(err.value) == "disk said no" and err.value.filename is None
+
+    def bad_value(folder):
+        raise ValueError("not a stage error")
+
+    with pytest.raises(ValueError, match="^not a stage error$"):
+        run_stage(policy, bad_value, {"n": 3, "work_dir": str(tmp_path)})
+
+
+def test_a_rewording_keeps_the_errors_text_without_its_number(tmp_path):
+    policy = StagePolicy(stage="demo", code=("tasks/stage.py",))
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as err:
+        run_stage(policy, full, {"n": 1, "work_dir": str(tmp_path)})
+    assert err.value.strerror == "No space left on device (while writing the demo stage)"
+
+    def bare(folder):
+        raise OSError(errno.EIO, None)  # an errno without its text
+
+    with pytest.raises(OSError) as err:
+        run_stage(policy, bare, {"n": 2, "work_dir": str(tmp_path)})
+    assert err.value.errno == errno.EIO and err.value.strerror.endswith("(while writing the demo stage)")
+    assert not err.value.strerror.startswith("None")
