@@ -1,7 +1,9 @@
 """unet.split: pairing frames by name, the 2:1 train/val assignment and the case's folder layout."""
 from __future__ import annotations
 
+import logging
 import random
+import shutil
 from pathlib import Path
 
 import cv2
@@ -239,3 +241,96 @@ def test_a_split_of_one_volume_written_before_volumes_existed_reads_as_volume_0(
     assert table["volume"].tolist() == ["0", "0", "0", "test", "test"]
     assert table["index"].tolist() == ["0", "2", "1", "1", "0"]
     assert table["mask"].tolist()[3:] == ["", ""]
+
+
+# --- found by mutation testing (benchmarks/mutation.py) -------------------------------------------
+
+def test_without_frames_csv_labelled_frames_are_volume_0_and_test_frames_volume_test_in_name_order(tmp_path: Path):
+    # frames laid out by hand (no extract stage's frames.csv): one volume "0"; the test frames are
+    # volume "test"; each indexed in frame-name order (the module docstring)
+    frames = _numbered_frames(tmp_path / "frames", 6, order_seed=5, test=3)
+    table = split_dataset(frames, tmp_path / "split")
+    labelled = table[table["subset"] != "test"].sort_values("frame_id")
+    assert labelled["volume"].tolist() == ["0"] * 6 and labelled["index"].tolist() == [str(i) for i in range(6)]
+    test = table[table["subset"] == "test"]
+    assert test["volume"].tolist() == ["test"] * 3 and test["index"].tolist() == ["0", "1", "2"]
+    pd.testing.assert_frame_equal(read_split(tmp_path / "split"), table)
+
+
+def test_a_frames_csv_that_misses_a_frame_is_a_clear_error(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 6, test=0)
+    (frames / "frames.csv").write_text("frame,volume,index\n" + "".join(f"{i:05d},0,{i}\n" for i in (0, 1, 2, 4)))
+    with pytest.raises(ValueError, match=r"frames\.csv: frames 2 \(00003, 00005\) are not listed$"):
+        split_dataset(frames, tmp_path / "split")
+    assert not (tmp_path / "split" / "split.csv").exists()
+
+
+def test_a_read_split_of_several_volumes_keeps_each_frames_volume_and_index(tmp_path: Path) -> None:
+    (tmp_path / "split.csv").write_text(
+        "frame_id,subset,image,mask,volume,index\n"
+        "v1-00004,val,val/image/v1-00004.png,val/mask/v1-00004.png,1,4\n"
+        "v0-00002,train,train/image/v0-00002.png,train/mask/v0-00002.png,0,2\n"
+        "00007,test,test_imgs/00007.png,,test,7\n")
+    table = read_split(tmp_path)
+    assert table["volume"].tolist() == ["1", "0", "test"] and table["index"].tolist() == ["4", "2", "7"]
+
+
+def test_exactly_five_names_are_listed_without_an_ellipsis(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path, 3)
+    for i in range(20, 25):
+        cv2.imwrite(str(frames / "images" / f"{i:05d}.png"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"only images 5 \(00020, 00021, 00022, 00023, 00024\), only masks 0"):
+        pair_by_stem(frames / "images", frames / "masks")
+
+
+def test_assign_by_volume_checks_like_assign_subsets_with_the_same_defaults() -> None:
+    from unet.split import assign_by_volume
+
+    with pytest.raises(ValueError) as err:
+        assign_by_volume({"a": "0", "b": "0", "c": "1"}, mode="halves")
+    assert str(err.value) == "unknown split mode 'halves'; expected one of ['every_third', 'random']"
+    # three frames are enough, in one volume or two
+    assert assign_by_volume({"a": "0", "b": "0", "c": "0"}) == {"a": "val", "b": "train", "c": "train"}
+    assert assign_by_volume({"a": "0", "b": "0", "c": "1"}) == {"a": "val", "b": "train", "c": "val"}
+    ids = [f"{i:05d}" for i in range(30)]
+    assert assign_by_volume(dict.fromkeys(ids, "0"), "random") == assign_subsets(ids, "random")
+
+
+def test_split_dataset_draws_with_seed_0_by_default(tmp_path: Path) -> None:
+    frames = _numbered_frames(tmp_path / "frames", 12, test=0)
+    table = split_dataset(frames, tmp_path / "split", mode="random")
+    expected = assign_subsets([f"{i:05d}" for i in range(12)], "random", seed=0)
+    assert dict(zip(table["frame_id"], table["subset"])) == expected
+
+
+def test_the_split_is_built_in_a_hidden_folder_inside_out_dir_created_with_its_parents(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    # inside out_dir: the finished layout is renamed into place on out's own file system (a
+    # rename across file systems fails); hidden: a run killed mid-copy leaves no folder that looks
+    # like part of the layout
+    import unet.split as split
+
+    frames = _numbered_frames(tmp_path / "frames", 6)
+    out = tmp_path / "not" / "yet" / "split"
+    copied, real = [], shutil.copy2
+    monkeypatch.setattr(split.shutil, "copy2", lambda src, dst: copied.append(Path(dst)) or real(src, dst))
+    split_dataset(frames, out)
+    staging = {p.relative_to(out).parts[0] for p in copied}
+    assert len(copied) == 6 + 6 + 2 and len(staging) == 1 and staging.pop().startswith(".split-")
+    assert sorted(p.name for p in out.iterdir()) == ["split.csv", "test_imgs", "train", "val"]
+
+
+def test_the_split_is_logged_with_its_mode_seed_and_counts_and_a_missing_test_volume(tmp_path: Path, caplog) -> None:
+    # the run's log (Prefect shows it): where the split went, how, and how many frames each subset got
+    caplog.set_level(logging.INFO, logger="unet.split")
+    frames = _numbered_frames(tmp_path / "frames", 9, test=2)
+    split_dataset(frames, tmp_path / "a", mode="random", seed=4)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'a'}: split random (seed 4): {{'train': 6, 'val': 3, 'test': 2}}"]
+    caplog.clear()
+    for p in (frames / "test").iterdir():
+        p.unlink()
+    split_dataset(frames, tmp_path / "b")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{frames / 'test'}: no test frames (no test volume)",
+        f"{tmp_path / 'b'}: split every_third (seed 0): {{'train': 6, 'val': 3}}"]
