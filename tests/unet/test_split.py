@@ -334,3 +334,37 @@ def test_the_split_is_logged_with_its_mode_seed_and_counts_and_a_missing_test_vo
     assert [r.getMessage() for r in caplog.records] == [
         f"{frames / 'test'}: no test frames (no test volume)",
         f"{tmp_path / 'b'}: split every_third (seed 0): {{'train': 6, 'val': 3}}"]
+
+
+def test_a_failed_copy_reports_its_own_error_even_when_the_staging_folder_cannot_be_removed(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    # a disk that fills up during the copy, and a staged file that will not go away (a busy file on a
+    # network file system): the user sees the full disk, and the previous split stays as it was
+    import errno
+    import os
+
+    import unet.split as split
+
+    frames = _numbered_frames(tmp_path / "frames", 6)
+    out = tmp_path / "split"
+    before = split_dataset(frames, out)
+    copies, real_copy, real_unlink = [], shutil.copy2, os.unlink
+
+    def copy2(src, dst):
+        copies.append(dst)
+        if len(copies) == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(src, dst)
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == "00000.png":
+            raise PermissionError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(split.shutil, "copy2", copy2)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(OSError) as err:
+        split_dataset(frames, out, mode="random", seed=3)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(read_split(out), before)
