@@ -249,6 +249,18 @@ class _Signals:
         return stopped_by(self.first) if self.first is not None else "interrupted"
 
 
+RERAISE_SECONDS = 2.0
+IMPORT_POLL_SECONDS = 0.2
+
+
+def _importing_mindspore() -> bool:
+    """Whether MindSpore (or one of its modules) is being imported right now: an exception raised
+    inside its import leaves a half-initialised module whose exit hook aborts the interpreter
+    (SIGABRT and a C-level traceback at exit), so a stop signal waits for the import to end."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
+               for name, module in list(sys.modules.items()) if name.partition(".")[0] == "mindspore")
+
+
 def _stop_exception(signum: int) -> BaseException:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
@@ -266,13 +278,17 @@ def _signals_raise() -> Iterator[_Signals]:
     is raised again every 2 s until ``main`` has it, and ``first`` tells ``main`` what really
     happened. MindSpore turns a SIGINT into a SIGTERM once it has run a graph,
     unless the process forwards SIGINT (flows/sigint.py, as ``python flows/full_pipeline.py`` does).
-    A signal that is ignored (``nohup``) stays ignored."""
+    A signal that lands while MindSpore is being imported is raised when that import ends
+    (:func:`_importing_mindspore`). A signal that is ignored (``nohup``) stays ignored."""
     signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
         yield signals
         return
 
     def raise_again(signum: int, frame: object) -> None:
+        if _importing_mindspore():
+            return  # the timer comes back
+        signal.setitimer(signal.ITIMER_REAL, RERAISE_SECONDS, RERAISE_SECONDS)
         raise _stop_exception(signals.first)
 
     def raise_terminated(signum: int, frame: object) -> None:
@@ -281,7 +297,10 @@ def _signals_raise() -> Iterator[_Signals]:
         if signum != signal.SIGINT:
             signals.received.append(signum)
         signal.signal(signal.SIGALRM, raise_again)
-        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
+        if _importing_mindspore():  # raised once the import is done (within IMPORT_POLL_SECONDS)
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_POLL_SECONDS, IMPORT_POLL_SECONDS)
+            return
+        signal.setitimer(signal.ITIMER_REAL, RERAISE_SECONDS, RERAISE_SECONDS)
         raise _stop_exception(signum)
 
     previous: dict[int, Callable | int | None] = {signal.SIGALRM: signal.getsignal(signal.SIGALRM)}
@@ -431,10 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_inputs(resolve_inputs(**data_args), recipe, args.split, args.split_seed, args.membrane_width)
             check_work_dir(args.work_dir)
-            # Import MindSpore now, before SIGTERM is turned into an exception: a signal landing in
-            # the middle of its import (the train stage imports it lazily) leaves a half-initialised
-            # module whose exit hook aborts the interpreter (SIGABRT and a C-level traceback at exit).
-            import mindspore  # noqa: F401
+            # MindSpore is imported by the stages that compute (a cached rerun never loads it, about
+            # 3 s); a stop signal during that import is raised once it is done (_importing_mindspore).
         except Exception as exc:
             if args.debug:
                 raise
