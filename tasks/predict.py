@@ -20,7 +20,8 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, align
     test_examples.png. ``tta_scales``: test-time scales (``unet.infer.predict_frame``; None: 1.0)."""
 
     from unet.align import Alignment
-    from unet.infer import load_model, predict_files
+    from unet.backends import PIPELINE_BACKEND, load_predictor
+    from unet.infer import predict_files
     from unet.recipes import Recipe
     from unet.viz import plot_predictions
 
@@ -30,7 +31,7 @@ def predict_test(datasets: dict, model: dict, recipe: dict, work_dir: str, align
     def build(folder):
         spec = json.loads((Path(datasets["output"]) / datasets["dataset_json"]).read_text())
         images = [Path(datasets["split_dir"]) / img for img in spec["test"]]
-        net = load_model(Path(model["output"]) / model["best_checkpoint"], config)
+        net = load_predictor(Path(model["output"]) / model["best_checkpoint"], config, backend=PIPELINE_BACKEND)
         align = None if alignment is None else Alignment.from_dict(alignment)
         if align is not None:
             logger.info("test predictions shifted by dy %+.2f dx %+.2f px (the evaluate stage's alignment)",
