@@ -230,3 +230,16 @@ def test_the_smallest_frame_with_an_inner_pixel_to_score_is_accepted():
     assert a.is_zero and a.mse_before == 0.0
     with pytest.raises(ValueError, match=r"frames of \(6, 7\) are too small"):
         estimate_shift(np.zeros((1, 6, 7)), np.zeros((1, 6, 7)))
+
+
+def test_a_one_pixel_shift_down_moves_and_any_input_comes_back_float32():
+    # shift's docstring: float32 whatever the input; a uint8 mask moved half a pixel is half in
+    # each of two rows, not rounded to whole grey levels
+    a = np.zeros((5, 5), np.uint8)
+    a[2, 2] = 1
+    down = shift(a, 1.0, 0.0)
+    assert down[3, 2] == pytest.approx(1.0) and down[2, 2] == pytest.approx(0.0)
+    half = shift(a, 0.5, 0.0)
+    assert half.dtype == np.float32 and half[2, 2] == pytest.approx(0.5) and half[3, 2] == pytest.approx(0.5)
+    assert shift(a.astype(np.float64), 0.25, 0.0).dtype == np.float32
+    assert shift(a.astype(np.float64), 0.0, 0.0).dtype == np.float32
