@@ -373,6 +373,7 @@ def test_retrain_weekly_on_unchanged_data_is_all_cached_and_keeps_the_champion(f
     assert len(champion) == 1 and "**unchanged**" in champion[0].data
 
 
+@pytest.mark.slow  # about 70 s: out of CI's slice (make test-all runs it)
 def test_segment_volume_deployment_runs_on_a_dask_cluster(first_run, deployed, isbi_dir):
     """The segment-volume deployment, triggered through the API and run by a process worker, whose
     flow sends its blocks to an external Dask cluster (a scheduler and two workers started as

@@ -6,10 +6,10 @@ probabilities and the summary's metrics).
 By default a representative slice: before the flow, a SIGKILL as the flow starts (the temporary
 server must not survive), Ctrl-C and SIGKILL in training, SIGTERM between train and evaluate (the
 fault that once left a server running for hours), SIGTERM to the group while predict writes; CI
-(``make test``, marker ci_slice) runs two of them, each about 1.3 pipeline runs after the module's
-reference run: Ctrl-C of the process group in training (MindSpore's SIGINT handler, flows/sigint.py)
-and SIGTERM of the run between train and evaluate (SIGKILL and the watchdog are in CI through
-test_no_orphans.py). ``KILL_MATRIX=all`` runs every cell (benchmarks/kill_matrix.py prints the table).
+(``make test``, marker ci_slice) runs one of them, about 1.3 pipeline runs after the module's
+reference run: SIGTERM of the run between train and evaluate (the fault that once left a server
+running for hours); SIGKILL, Ctrl-C and the watchdog are in CI through test_no_orphans.py and
+test_signal_in_import.py. ``KILL_MATRIX=all`` runs every cell (benchmarks/kill_matrix.py prints the table).
 """
 from __future__ import annotations
 

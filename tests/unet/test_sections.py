@@ -114,6 +114,7 @@ def test_the_flow_gives_a_three_section_recipe_three_input_channels():
     assert resolve_recipe("seed", sections=1)["in_channels"] == 3  # the case's grey frame read as 3 channels
 
 
+@pytest.mark.slow  # trains (about 25 s)
 def test_a_three_section_model_trains_and_predicts_real_frames(split_dir, tmp_path):
     recipe = Recipe(name="tiny3", in_channels=3, sections=3, base_channels=8, image_size=64, input_mode="crop",
                     augmentation="none", batch_size=2, val_batch_size=2, epochs=1, steps_per_epoch=2,

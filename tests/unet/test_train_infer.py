@@ -79,6 +79,7 @@ def test_loss_goes_down_and_model_beats_the_constant_predictors(trained, frames)
     assert_beats_constant_predictors(result, recipe, frames["val"])
 
 
+@pytest.mark.slow  # about 40 s of training
 def test_boundary_weighted_training_learns(frames, tmp_path):
     # the mask column is [N, 2, H, W] (mask and weight map) through the dataset and the step
     recipe = PRESETS["smoke"].replace(loss="bce_dice", boundary_weight=10.0)
@@ -89,6 +90,7 @@ def test_boundary_weighted_training_learns(frames, tmp_path):
     assert_beats_constant_predictors(result, recipe, frames["val"])
 
 
+@pytest.mark.slow  # about 55 s of training
 def test_training_on_registered_labels_learns_and_reports_the_shift(frames, tmp_path):
     # soft masks (the labels shifted by a sub-pixel offset) through the loss and the batch scores
     recipe = PRESETS["smoke"].replace(loss="bce_dice", boundary_weight=10.0, register_labels=True)
@@ -145,6 +147,7 @@ def test_resume_after_an_interruption_is_bit_identical_to_an_uninterrupted_train
             np.testing.assert_array_equal(b[key].asnumpy(), a[key].asnumpy(), err_msg=f"{name}: {key}")
 
 
+@pytest.mark.slow  # about 15 s; the resume itself is tested bit-identical in CI
 def test_resume_trusts_the_state_inside_last_ckpt_over_a_stale_last_json(trained, frames, tmp_path):
     # a kill between the replace of last.ckpt and the one of last.json leaves last.json an epoch behind
     recipe, _, out, _ = trained
@@ -197,6 +200,7 @@ def _crop_setup(trained, frames, h: int, w: int):
     return net, frame, recipe.replace(input_mode="crop")
 
 
+@pytest.mark.slow  # about 70 s; tests/unet/test_blocks.py and the segmentation flow tests cover the block engine in CI
 def test_blocks_equal_the_whole_frame_with_and_without_tta(trained, frames):
     # 200 x 300 is no multiple of the network's 16: blocks of 128 with the default halo (the
     # receptive field, unet.blocks.default_halo) must still give whole-frame inference, to float noise
