@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.cli import EXIT_FAILED, EXIT_USAGE, _DefaultsHelp, _Parser, describe
+from flows.command import EXIT_FAILED, EXIT_USAGE, _DefaultsHelp, _Parser, describe
 
 
 def main(argv: list[str] | None = None) -> int:

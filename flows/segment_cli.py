@@ -1,5 +1,5 @@
 """The command line of ``python flows/segment.py``: arguments, checks before anything starts, one
-``error:`` line per failure and the pipeline's exit codes (:mod:`flows.cli`)."""
+``error:`` line per failure and the pipeline's exit codes (:mod:`flows.command`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from flows.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT,
+from flows.command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT,
                        Terminated, _console_without_tracebacks, _DefaultsHelp, _number, _Parser, _signals_exit,
                        _signals_raise, describe, start_temporary_server)
 from flows.segment import FORMATS, default_output, segment_volume
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = check(args)
             if not model.get("onnx"):  # an exported model needs ONNX Runtime only
-                import mindspore  # noqa: F401  (before SIGTERM becomes an exception: flows/cli.py main)
+                import mindspore  # noqa: F401  (before SIGTERM becomes an exception)
         except Exception as exc:
             if args.debug:
                 raise

@@ -301,7 +301,7 @@ def test_a_signal_in_training_exits_with_its_code_and_leaves_no_server(signum, d
     assert not finished(work, "train") and len(list((work / "train").glob("*.partial"))) == 1
 
 
-# Before the flow starts (flows/cli.py _signals_exit: after the argument and input checks, while
+# Before the flow starts (flows/command.py _signals_exit: after the argument and input checks, while
 # MindSpore is imported) a signal ends the process at once. run_with_fault.py pauses the run right
 # after its input checks, so the signal lands in that window every time.
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
@@ -319,7 +319,7 @@ def test_a_signal_before_the_flow_starts_exits_with_its_code(signum, data, pipel
     assert "Traceback" not in err, err[-3000:]
     assert code == EXIT_CODE[signum], err[-3000:]
     [line] = error_lines(err)
-    # SIGTERM and SIGHUP say where they stopped it (flows/cli.py _signals_exit)
+    # SIGTERM and SIGHUP say where they stopped it (flows/command.py _signals_exit)
     assert line.startswith(ERROR_LINE[signum]), line
     assert not (work / "runs").exists() and wait_gone(pipeline.home, 10) == {}
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
-    from flows.cli import Terminated, _signals_raise
+    from flows.command import Terminated, _signals_raise
 
     with _signals_raise() as signals:
         try:

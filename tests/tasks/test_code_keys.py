@@ -56,6 +56,7 @@ EDITS = [
     ("tasks/segment.py", set()),
     ("flows/cli.py", set()),
     ("flows/parameters.py", set()),
+    ("flows/command.py", set()),
 ]
 
 
