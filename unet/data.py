@@ -5,6 +5,9 @@ with boundary weights (``SegmentationSource(..., boundary=(w0, sigma))``) the ma
 the cell mask and its U-Net weight map, augmented together. Masks and weight maps always go
 through nearest-neighbour interpolation, so masks stay binary — unless the labels are registered
 to their images (``register_labels=True``): a sub-pixel shift makes them soft, in [0, 1].
+
+albumentations is imported by the functions that build the transforms: inference (:mod:`unet.blocks`
+uses :func:`to_network_input`) runs without it (the ``infer`` install, pyproject.toml).
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 
@@ -40,6 +42,8 @@ def case_train_transforms(size: int) -> A.Compose:
 
 
 def _case_train_transforms(size: int) -> A.Compose:
+    import albumentations as A
+
     return A.Compose([
         A.Resize(size, size, mask_interpolation=RESIZE_NEAREST),
         A.Transpose(p=0.5),
@@ -52,6 +56,8 @@ def _case_train_transforms(size: int) -> A.Compose:
 
 def resize_transforms(size: int) -> A.Compose:
     """The case's validation transform: resize only."""
+    import albumentations as A
+
     return A.Compose([A.Resize(size, size, mask_interpolation=RESIZE_NEAREST)])
 
 
@@ -59,6 +65,8 @@ def eval_transforms(recipe: Recipe) -> A.Compose:
     """What the per-epoch validation (and "metrics at the training size") see: the resized frame
     (resize recipes, the case) or the whole native frame, without test-time augmentation (crop
     recipes: a central crop was a quarter of the pixels and too noisy to pick the checkpoint)."""
+    import albumentations as A
+
     if recipe.input_mode == "crop":
         return A.Compose([])
     return resize_transforms(recipe.image_size)
@@ -67,6 +75,8 @@ def eval_transforms(recipe: Recipe) -> A.Compose:
 def fullres_train_transforms(size: int) -> A.Compose:
     """Native-resolution training: random crops, the 8 flips/rotations, mild affine and elastic
     deformation, brightness/contrast jitter (EM sections vary in staining)."""
+    import albumentations as A
+
     return A.Compose([
         A.RandomCrop(size, size),
         A.D4(p=1.0),
@@ -79,6 +89,8 @@ def fullres_train_transforms(size: int) -> A.Compose:
 
 def train_transforms(recipe: Recipe) -> A.Compose:
     """The training augmentation the recipe names, seeded with ``recipe.seed``."""
+    import albumentations as A
+
     if recipe.augmentation == "case":
         transform = case_train_transforms(recipe.image_size)
     elif recipe.augmentation == "fullres":

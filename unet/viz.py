@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from unet.data import read_grey
 
@@ -22,6 +21,8 @@ def _pyplot():
 def plot_history(history_csv: Path | str, out_png: Path | str) -> Path:
     """Loss and train/val IoU per epoch, with the best val epoch marked."""
     plt = _pyplot()
+    import pandas as pd  # here: the segmentation's preview (plot_segmentation) runs without pandas
+
     h = pd.read_csv(history_csv)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(h["epoch"], h["loss"], color="tab:red")
