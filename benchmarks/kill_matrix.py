@@ -26,8 +26,9 @@ import tifffile
 import common
 
 sys.path.insert(0, str(common.REPO / "tests" / "robustness"))
-from kill_matrix_support import POINTS, SIGNALS, TARGETS, Cell, reference_run, run_cell, table  # noqa: E402
-from robustness_support import VOLUMES, Pipeline, cli_env, new_home, small_data  # noqa: E402
+from kill_matrix_support import (POINTS, SEGMENT_POINT, SIGNALS, TARGETS, Cell, reference_run,  # noqa: E402
+                                 reference_segmentation, run_cell, table)
+from robustness_support import SEGMENT, VOLUMES, Pipeline, cli_env, new_home, small_data  # noqa: E402
 
 
 def migrated_db(folder: Path) -> Path:
@@ -75,6 +76,18 @@ def main() -> int:
         reference = reference_run(pipe, data, out / "reference" / "work")
         reference_file.write_text(json.dumps(reference, indent=1))
         print(f"reference run: {time.monotonic() - t0:.0f} s", flush=True)
+    segmentation = None
+    if SEGMENT_POINT in args.points:  # an uninterrupted segmentation with the reference run's champion
+        segmentation_file = out / "reference-segmentation.json"
+        if not segmentation_file.exists():
+            t0 = time.monotonic()
+            pipe = Pipeline(new_home(out / "reference" / "prefect-home-segment", db), out / "reference" / "logs",
+                            script=SEGMENT)
+            hashes = reference_segmentation(pipe, data, out / "reference" / "work", out / "reference" / "segmentation")
+            segmentation_file.write_text(json.dumps({"work": str(out / "reference" / "work"), "hashes": hashes},
+                                                    indent=1))
+            print(f"reference segmentation: {time.monotonic() - t0:.0f} s", flush=True)
+        segmentation = json.loads(segmentation_file.read_text())
 
     cells = []
     for point in args.points:
@@ -87,7 +100,8 @@ def main() -> int:
                     continue
                 root = out / "cells" / f"{point.replace(':', '-')}-{name}-{target}"
                 shutil.rmtree(root, ignore_errors=True)
-                cell = run_cell(root, db, data, reference, point, getattr(signal, name), target)
+                cell = run_cell(root, db, data, reference, point, getattr(signal, name), target,
+                                segmentation=segmentation)
                 cells.append(cell)
                 with results.open("a") as f:
                     f.write(json.dumps(cell.to_dict()) + "\n")

@@ -21,14 +21,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from robustness_support import Pipeline, error_lines, new_home, summary_of, wait_gone
+from robustness_support import SEGMENT, Pipeline, error_lines, new_home, summary_of, wait_gone
 
 HERE = Path(__file__).resolve().parent
 FAULT_RUNNER = HERE / "run_with_fault.py"
 STAGE_ORDER = ["extract", "split", "datasets", "train", "evaluate", "predict"]
 # before the flow (input checks done), the flow started, then in and after each stage
-POINTS = ["check", "before:extract"] + [f"{where}:{stage}" for stage in STAGE_ORDER for where in ("mid", "after")
-                                        if (where, stage) != ("after", "predict")]
+# python flows/segment.py on the test volume with the reference run's champion, paused mid-volume
+SEGMENT_POINT = "mid:segment-volume"
+POINTS = (["check", "before:extract"] + [f"{where}:{stage}" for stage in STAGE_ORDER for where in ("mid", "after")
+                                         if (where, stage) != ("after", "predict")] + [SEGMENT_POINT])
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 TARGETS = ["group", "main"]
 # smoke recipe, 2 epochs (mid:train pauses in epoch 2), on small_data(frames=15, test=12, side=256)
@@ -86,14 +88,44 @@ def reference_run(pipe: Pipeline, data: Path, work: Path) -> dict[str, str]:
     return output_hashes(work)
 
 
+def segmentation_args(data: Path, reference_work: Path, out: Path) -> list[str]:
+    """``python flows/segment.py``'s arguments of the segment-volume cells: the small test volume
+    with the reference run's champion, one block per Prefect task, TIFF outputs in ``out``."""
+    return [str(data / "test-volume.tif"), "--work-dir", str(reference_work), "--output", str(out),
+            "--format", "tiff", "--blocks-per-task", "1"]
+
+
+def segmentation_hashes(out: Path) -> dict[str, str]:
+    """sha256 of the pixels of the three output stacks (not of the files: their metadata may differ)."""
+    import tifffile
+
+    return {name: hashlib.sha256(tifffile.imread(out / name).tobytes()).hexdigest()
+            for name in ("probabilities.tif", "masks.tif", "cells.tif")}
+
+
+def reference_segmentation(pipe: Pipeline, data: Path, reference_work: Path, out: Path) -> dict[str, str]:
+    """An uninterrupted segmentation's output hashes (``pipe`` runs flows/segment.py)."""
+    done = pipe.run(segmentation_args(data, reference_work, out), timeout=1800, env=ENV)
+    if done.returncode != 0:
+        raise RuntimeError(f"the reference segmentation failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return segmentation_hashes(out)
+
+
 def run_cell(root: Path, migrated_db: Path | None, data: Path, reference: dict[str, str], point: str,
-             signum: int, target: str, timeout: float = 1200) -> Cell:
-    """One cell in ``root`` (a fresh folder: its own Prefect home and work directory)."""
+             signum: int, target: str, timeout: float = 1200, segmentation: dict | None = None) -> Cell:
+    """One cell in ``root`` (a fresh folder: its own Prefect home and work directory). The
+    segment-volume point needs ``segmentation``: ``{"work": the reference run's work directory,
+    "hashes": reference_segmentation(...)}``; its rerun is compared with those hashes."""
     t0 = time.monotonic()
     cell = Cell(point, signal.Signals(signum).name, target, expected_exit=EXPECTED_EXIT[signum])
-    pipe = Pipeline(new_home(root / "prefect-home", migrated_db), root / "logs")
+    segmenting = point == SEGMENT_POINT
+    pipe = Pipeline(new_home(root / "prefect-home", migrated_db), root / "logs",
+                    **({"script": SEGMENT} if segmenting else {}))
     work, marker = root / "work", root / "paused"
-    args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS]
+    if segmenting:
+        args = segmentation_args(data, Path(segmentation["work"]), root / "segmentation")
+    else:
+        args = ["--data-dir", str(data), "--work-dir", str(work), *ARGS]
     proc = pipe.start(args, "interrupted", wrapper=[str(FAULT_RUNNER)], new_session=True,
                       env={**ENV, "FAULT": "pause-at", "PAUSE_POINT": point, "PAUSE_MARKER": str(marker)})
     try:
@@ -134,7 +166,8 @@ def run_cell(root: Path, migrated_db: Path | None, data: Path, reference: dict[s
     rerun = pipe.run(args, timeout=timeout, env=ENV)
     cell.rerun_exit = rerun.returncode
     if rerun.returncode == 0:
-        cell.identical = output_hashes(work) == reference
+        cell.identical = (segmentation_hashes(root / "segmentation") == segmentation["hashes"] if segmenting
+                          else output_hashes(work) == reference)
     else:
         cell.note = (cell.note + " rerun: " + rerun.stderr[-300:]).strip()
     left = wait_gone(pipe.home, 30)

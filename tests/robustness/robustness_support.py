@@ -23,6 +23,7 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "flows" / "full_pipeline.py"
+SEGMENT = REPO / "flows" / "segment.py"
 STAGES = ["extract", "split", "datasets", "train", "evaluate", "predict"]
 VOLUMES = ("train-volume.tif", "train-labels.tif", "test-volume.tif")
 SMOKE = ["--preset", "smoke"]
@@ -129,15 +130,17 @@ def _default_signals() -> None:
 
 
 class Pipeline:
-    """``python flows/full_pipeline.py`` as a subprocess bound to one Prefect home."""
+    """``python flows/full_pipeline.py`` (or another command line: ``script``, e.g. :data:`SEGMENT`)
+    as a subprocess bound to one Prefect home."""
 
-    def __init__(self, home: Path, logs: Path) -> None:
+    def __init__(self, home: Path, logs: Path, script: Path = PIPELINE) -> None:
         self.home = home
         self.logs = logs
+        self.script = script
         self.count = 0
 
     def command(self, args: list[str], wrapper: list[str] | None = None) -> list[str]:
-        return [sys.executable, *(wrapper or []), str(PIPELINE), *args]
+        return [sys.executable, *(wrapper or []), str(self.script), *args]
 
     def run(self, args: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(args), env={**cli_env(self.home), **(env or {})}, cwd=REPO,

@@ -12,8 +12,9 @@
   and ``after:STAGE`` in the flow, around the stage's task; ``mid:STAGE`` inside the stage: extract
   after 5 frames written, split and datasets once their ``.partial`` folder exists, train in epoch
   2 (its steps done, its validation running, epoch 1 checkpointed), evaluate after 3 val
-  predictions written, predict after 5 test files written. The sleep is in the thread that runs
-  the stage (the main thread: the flow calls its tasks directly).
+  predictions written, predict after 5 test files written; ``mid:segment-volume`` in
+  ``python flows/segment.py`` once three batches of blocks are done. The sleep is in the main thread
+  (the pipeline's flow calls its tasks directly; the segmentation's flow collects its batches there).
 
     FAULT=... python tests/robustness/run_with_fault.py flows/full_pipeline.py ARGS...
 """
@@ -136,6 +137,20 @@ elif FAULT == "pause-at":
             return run(policy, paused_build if policy.stage == stage else build, *args, **kwargs)
 
         stage_module.run_stage = run_stage
+    elif point == "mid:segment-volume":
+        # python flows/segment.py: the flow (main thread) pauses once it has collected the third
+        # finished batch of blocks (--blocks-per-task 1: three blocks written and marked done)
+        import prefect.futures as futures
+
+        collect = futures.as_completed
+
+        def as_completed(*args, **kwargs):
+            for n, future in enumerate(collect(*args, **kwargs), 1):
+                yield future
+                if n == 3:
+                    pause()
+
+        futures.as_completed = as_completed
     elif point == "mid:train":
         import unet.train as train
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from kill_matrix_support import POINTS, SIGNALS, TARGETS, reference_run, run_cell, table
-from robustness_support import Pipeline, new_home, small_data
+from kill_matrix_support import (POINTS, SEGMENT_POINT, SIGNALS, TARGETS, reference_run, reference_segmentation,
+                                 run_cell, table)
+from robustness_support import SEGMENT, Pipeline, new_home, small_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -31,7 +32,7 @@ CI_SLICE = [("after:train", signal.SIGTERM, "main")]
 KNOWN: dict = {}
 SLICE = CI_SLICE + [("mid:train", signal.SIGINT, "group"), ("check", signal.SIGINT, "group"), ("before:extract", signal.SIGKILL, "main"),
                     ("mid:train", signal.SIGKILL, "group"), ("mid:train", signal.SIGKILL, "main"),
-                    ("mid:predict", signal.SIGTERM, "group")]
+                    ("mid:predict", signal.SIGTERM, "group"), ("mid:segment-volume", signal.SIGTERM, "group")]
 CELLS = list(itertools.product(POINTS, SIGNALS, TARGETS)) if os.environ.get("KILL_MATRIX") == "all" else SLICE
 
 
@@ -41,14 +42,29 @@ def data(isbi, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(data, migrated_db, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("reference")
+def reference_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reference")
+
+
+@pytest.fixture(scope="module")
+def reference(data, migrated_db, reference_root) -> dict[str, str]:
+    root = reference_root
     return reference_run(Pipeline(new_home(root / "prefect-home", migrated_db), root / "logs"), data, root / "work")
+
+
+@pytest.fixture(scope="module")
+def segmentation(data, migrated_db, reference, reference_root) -> dict:
+    """An uninterrupted segmentation of the test volume with the reference run's champion."""
+    root = reference_root
+    pipe = Pipeline(new_home(root / "prefect-home-segment", migrated_db), root / "logs", script=SEGMENT)
+    return {"work": str(root / "work"),
+            "hashes": reference_segmentation(pipe, data, root / "work", root / "segmentation")}
 
 
 @pytest.mark.parametrize("point,signum,target", [
     pytest.param(*cell, marks=([pytest.mark.ci_slice] if cell in CI_SLICE else []) + ([KNOWN[cell]] if cell in KNOWN else []), id=f"{cell[0]}-{cell[1].name}-{cell[2]}")
     for cell in CELLS])
-def test_cell(point, signum, target, data, reference, migrated_db, tmp_path):
-    cell = run_cell(tmp_path, migrated_db, data, reference, point, signum, target)
+def test_cell(point, signum, target, data, reference, migrated_db, tmp_path, request):
+    segmentation = request.getfixturevalue("segmentation") if point == SEGMENT_POINT else None
+    cell = run_cell(tmp_path, migrated_db, data, reference, point, signum, target, segmentation=segmentation)
     assert cell.passed, "\n" + table([cell])
