@@ -7,8 +7,8 @@ spans the whole frame. A high threshold keeps thin membrane gaps closed (no fals
 the predicted membranes thick, and that one big segment then costs as much as the merges saved.
 
 :func:`segment_cells` with ``fill_membrane=True`` grows every component over the membrane pixels
-(each membrane pixel joins its nearest component, ``skimage.segmentation.expand_labels``): the
-cuts stay where the thresholded map put them and no pixel is left unassigned — the cell
+(each membrane pixel joins its nearest component, as ``skimage.segmentation.expand_labels`` does):
+the cuts stay where the thresholded map put them and no pixel is left unassigned — the cell
 instances a user would want from the map, with no boundary pixels between them.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt
 from skimage.measure import label
-from skimage.segmentation import expand_labels
 
 from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores
 
@@ -34,7 +34,10 @@ def segment_cells(cell_prob: np.ndarray, threshold: float, fill_membrane: bool =
         raise ValueError(f"cell_prob must be one frame [H, W], got shape {prob.shape}")
     labels = label(prob >= threshold, connectivity=1)
     if fill_membrane and labels.max() > 0:
-        labels = expand_labels(labels, distance=float(sum(labels.shape)))
+        # every pixel takes its nearest component's label: expand_labels(labels, distance=H+W) without
+        # the distances it would only compare with that bound (a third of its time; same pixels)
+        nearest = distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
+        labels = labels[tuple(nearest)]
     return labels
 
 
