@@ -429,3 +429,13 @@ def test_a_rewording_keeps_the_errors_text_without_its_number(tmp_path):
         run_stage(policy, bare, {"n": 2, "work_dir": str(tmp_path)})
     assert err.value.errno == errno.EIO and err.value.strerror.endswith("(while writing the demo stage)")
     assert not err.value.strerror.startswith("None")
+
+
+def test_a_module_that_does_not_parse_is_named_in_the_error_and_keys_are_16_hex_digits(tmp_path):
+    root = _project(tmp_path)
+    (root / "unet" / "d.py").write_text("X = (\n")
+    with pytest.raises(SyntaxError) as err:
+        code_closure(("tasks/t.py",), root)
+    assert err.value.filename == str(root / "unet" / "d.py")
+    key = StagePolicy(stage="demo", code=("tasks/stage.py",)).content_key({"n": 1})
+    assert len(key) == 16 and int(key, 16) >= 0  # the stage folder's name, <work_dir>/<stage>/<key>
