@@ -548,3 +548,16 @@ def test_scores_equal_scikit_image_on_sparse_label_values(seed):
     big_gt, big_pred = gt * 1_000_003, pred * 2_000_000_011 + 5
     assert v_rand(big_gt, big_pred) == pytest.approx(v_rand(gt, pred), rel=1e-12)
     assert v_info(big_gt, big_pred) == pytest.approx(v_info(gt, pred), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scores_with_thousands_of_segments_on_both_sides(seed):
+    # so many segments on both sides that a dense table would not pay: the pairs are counted with
+    # np.unique instead of np.bincount; scikit-image and the direct entropies are the reference
+    from skimage.metrics import adapted_rand_error
+
+    rng = np.random.default_rng(seed)
+    gt = rng.permutation(64 * 64).reshape(64, 64) % 3000 + 1  # 3000 segments, some of two pixels
+    pred = rng.permutation(64 * 64).reshape(64, 64) % 2500
+    assert v_rand(gt, pred) == pytest.approx(1.0 - adapted_rand_error(gt, pred, ignore_labels=(0,))[0], rel=1e-12)
+    assert v_info(gt, pred) == pytest.approx(_direct_info(gt, pred), rel=1e-9)
