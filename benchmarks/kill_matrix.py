@@ -83,9 +83,9 @@ def main() -> int:
             t0 = time.monotonic()
             pipe = Pipeline(new_home(out / "reference" / "prefect-home-segment", db), out / "reference" / "logs",
                             script=SEGMENT)
-            hashes = reference_segmentation(pipe, data, out / "reference" / "work", out / "reference" / "segmentation")
-            segmentation_file.write_text(json.dumps({"work": str(out / "reference" / "work"), "hashes": hashes},
-                                                    indent=1))
+            reference_seg = reference_segmentation(pipe, data, out / "reference" / "work",
+                                                   out / "reference" / "segmentation")
+            segmentation_file.write_text(json.dumps(reference_seg, indent=1))
             print(f"reference segmentation: {time.monotonic() - t0:.0f} s", flush=True)
         segmentation = json.loads(segmentation_file.read_text())
 

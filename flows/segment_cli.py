@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
     with _signals_exit():
         try:
-            model = check(args)
-            if not model.get("onnx"):  # an exported model needs ONNX Runtime only
-                import mindspore  # noqa: F401  (before SIGTERM becomes an exception)
+            check(args)  # MindSpore, where needed, is imported by the blocks' tasks (flows.command defers a
+            # stop signal that lands in that import)
         except Exception as exc:
             if args.debug:
                 raise

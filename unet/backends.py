@@ -19,6 +19,7 @@ from unet.export import PRECISIONS, check_precision  # noqa: F401  (part of this
 from unet.recipes import Recipe
 from unet.tta import BATCH_PIXELS, TTA_VIEWS, Predictor, d4, d4_inverse, predict_views, tta_level  # noqa: F401
 
+
 class MindSporePredictor:
     """A trained :class:`unet.model.UNet` (MindSpore, graph mode) as a :class:`Predictor`."""
 
@@ -74,6 +75,8 @@ BACKENDS = ("onnxruntime", "mindspore")
 # MindSpore on this CPU (benchmarks/README.md) and equal to it within 1e-5 (tests/flows/test_segment.py);
 # training's own validation and the case metrics stay on MindSpore.
 PIPELINE_BACKEND = "onnxruntime"
+
+
 def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "mindspore", threads: int = 0,
                    precision: str = "fp32"):
     """The model of ``checkpoint`` as a :class:`Predictor` on ``backend``: MindSpore (:func:`load_model`)

@@ -103,19 +103,20 @@ def segmentation_hashes(out: Path) -> dict[str, str]:
             for name in ("probabilities.tif", "masks.tif", "cells.tif")}
 
 
-def reference_segmentation(pipe: Pipeline, data: Path, reference_work: Path, out: Path) -> dict[str, str]:
-    """An uninterrupted segmentation's output hashes (``pipe`` runs flows/segment.py)."""
+def reference_segmentation(pipe: Pipeline, data: Path, reference_work: Path, out: Path) -> dict:
+    """An uninterrupted segmentation (``pipe`` runs flows/segment.py) as :func:`run_cell` takes it:
+    ``{"work": reference_work, "hashes": its output hashes}``."""
     done = pipe.run(segmentation_args(data, reference_work, out), timeout=1800, env=ENV)
     if done.returncode != 0:
         raise RuntimeError(f"the reference segmentation failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return segmentation_hashes(out)
+    return {"work": str(reference_work), "hashes": segmentation_hashes(out)}
 
 
 def run_cell(root: Path, migrated_db: Path | None, data: Path, reference: dict[str, str], point: str,
              signum: int, target: str, timeout: float = 1200, segmentation: dict | None = None) -> Cell:
     """One cell in ``root`` (a fresh folder: its own Prefect home and work directory). The
-    segment-volume point needs ``segmentation``: ``{"work": the reference run's work directory,
-    "hashes": reference_segmentation(...)}``; its rerun is compared with those hashes."""
+    segment-volume point needs ``segmentation`` (:func:`reference_segmentation`); its rerun is
+    compared with that segmentation's hashes."""
     t0 = time.monotonic()
     cell = Cell(point, signal.Signals(signum).name, target, expected_exit=EXPECTED_EXIT[signum])
     segmenting = point == SEGMENT_POINT
