@@ -7,7 +7,6 @@ flow itself is :func:`flows.full_pipeline.full_pipeline`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import signal
@@ -15,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flows.command import (EXIT_FAILED, EXIT_USAGE, POSITIVE_FLOAT, POSITIVE_INT, SEED, Terminated,
-                           _console_without_tracebacks, _DefaultsHelp, _Parser, _signals_exit, _signals_raise,
-                           describe, start_temporary_server)
+from flows.command import (EXIT_USAGE, POSITIVE_FLOAT, POSITIVE_INT, SEED, _DefaultsHelp, _Parser, describe,
+                           run_command, start_temporary_server)
 from flows.full_pipeline import full_pipeline
 from flows.parameters import RECIPE_OVERRIDES, resolve_recipe, resolve_scales
 from flows.watchdog import watch_for_orphans
@@ -174,35 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    with _signals_exit():
-        try:
-            check_inputs(resolve_inputs(**data_args), recipe, args.split, args.split_seed, args.membrane_width)
-            check_work_dir(args.work_dir)
-            # MindSpore is imported by the stages that compute (a cached rerun never loads it, about
-            # 3 s); a stop signal during that import is raised once it is done (_importing_mindspore).
-        except Exception as exc:
-            if args.debug:
-                raise
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return EXIT_FAILED
-    quiet = contextlib.nullcontext() if args.debug else _console_without_tracebacks()
-    with _signals_raise() as signals, quiet:
-        try:
-            start_temporary_server()
-            summary = full_pipeline(**params)
-            signals.settled()  # a signal whose exception was lost: the run completed regardless
-        except (Terminated, KeyboardInterrupt, Exception) as exc:
-            signals.settled()
-            if signals.first is not None or isinstance(exc, (Terminated, KeyboardInterrupt)):
-                print(f"error: {signals.stopped_by()}; finished stages are kept and the next run reuses them "
-                      "(training resumes from its last finished epoch)", file=sys.stderr)
-                return signals.exit_code()
-            if args.debug:
-                raise
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return EXIT_FAILED
+
+    def check() -> None:
+        check_inputs(resolve_inputs(**data_args), recipe, args.split, args.split_seed, args.membrane_width)
+        check_work_dir(args.work_dir)
+        # MindSpore is imported by the stages that compute (a cached rerun never loads it, about
+        # 3 s); a stop signal during that import is raised once it is done (_importing_mindspore).
+
+    def run_flow() -> dict:
+        start_temporary_server()
+        return full_pipeline(**params)
+
+    code, summary = run_command(args.debug, check, run_flow, "finished stages are kept and the next run reuses "
+                                "them (training resumes from its last finished epoch)")
+    if code == 0:
         print(format_console(summary))
-    return 0
+    return code
 
 
 def run() -> int:

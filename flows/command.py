@@ -253,6 +253,38 @@ def _signals_raise() -> Iterator[_Signals]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def run_command(debug: bool, check: Callable[[], object], run: Callable[[], object], kept: str) -> tuple[int, object]:
+    """The shape every command line shares: ``check()`` (arguments, inputs, output folder) while a
+    stop signal ends the process at once (nothing has started), then ``run()`` (which starts the
+    temporary server and the flow) while a stop signal raises and unwinds (:func:`_signals_raise`).
+    Every error is one ``error: ...`` line (a traceback only with ``debug``); a stop prints ``error:
+    interrupted; <kept>`` or ``error: stopped by SIGTERM; <kept>``. Returns the exit code and what
+    ``run`` returned (None unless the code is 0)."""
+    with _signals_exit():
+        try:
+            check()
+        except Exception as exc:
+            if debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED, None
+    quiet = contextlib.nullcontext() if debug else _console_without_tracebacks()
+    with _signals_raise() as signals, quiet:
+        try:
+            result = run()
+            signals.settled()  # a signal whose exception was lost: the run completed regardless
+        except (Terminated, KeyboardInterrupt, Exception) as exc:
+            signals.settled()
+            if signals.first is not None or isinstance(exc, (Terminated, KeyboardInterrupt)):
+                print(f"error: {signals.stopped_by()}; {kept}", file=sys.stderr)
+                return signals.exit_code(), None
+            if debug:
+                raise
+            print(f"error: {describe(exc)}", file=sys.stderr)
+            return EXIT_FAILED, None
+    return 0, result
+
+
 def _number(kind: type, low: float, what: str, high: float | None = None, strict: bool = False) -> Callable:
     """An argparse type: ``kind`` within [low, high] (``strict``: above ``low``), finite."""
 

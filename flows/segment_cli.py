@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
-from flows.command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT,
-                       Terminated, _console_without_tracebacks, _DefaultsHelp, _number, _Parser, _signals_exit,
-                       _signals_raise, describe, start_temporary_server)
+from flows.command import (EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT, _DefaultsHelp, _number, _Parser, run_command,
+                           start_temporary_server)
 from flows.segment import FORMATS, default_output, segment_volume
 from unet.backends import BACKENDS, PRECISIONS, TTA_VIEWS, check_precision
 from unet.blocks import DEFAULT_BLOCK
+
 
 def _multiple_of_16(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` and a multiple of 16 (the network's pooling grid)."""
@@ -114,36 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     params = {k: v for k, v in vars(args).items() if k != "debug"}
-    with _signals_exit():
-        try:
-            check(args)  # MindSpore, where needed, is imported by the blocks' tasks (flows.command defers a
-            # stop signal that lands in that import)
-        except Exception as exc:
-            if args.debug:
-                raise
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return EXIT_FAILED
-    quiet = contextlib.nullcontext() if args.debug else _console_without_tracebacks()
-    with _signals_raise() as signals, quiet:
-        try:
-            server = start_temporary_server()
-            if server is not None and (args.workers > 1 or args.dask_address):
-                os.environ["PREFECT_API_URL"] = server.api_url  # Dask workers report to this server
-            summary = segment_volume(**params)
-            signals.settled()
-        except (Terminated, KeyboardInterrupt, Exception) as exc:
-            signals.settled()
-            if signals.received or isinstance(exc, (Terminated, KeyboardInterrupt)):
-                how = f"stopped by {signal.Signals(signals.received[0]).name}" if signals.received else "interrupted"
-                print(f"error: {how}; finished blocks are kept and the same command continues from them",
-                      file=sys.stderr)
-                return EXIT_TERMINATED if signals.received else EXIT_INTERRUPTED
-            if args.debug:
-                raise
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return EXIT_FAILED
-    print(format_summary(summary))
-    return 0
+    def run_segmentation() -> dict:
+        server = start_temporary_server()
+        if server is not None and (args.workers > 1 or args.dask_address):
+            os.environ["PREFECT_API_URL"] = server.api_url  # Dask workers report to this server
+        return segment_volume(**params)
+
+    # MindSpore, where needed, is imported by the blocks' tasks (flows.command defers a stop signal
+    # that lands in that import)
+    code, summary = run_command(args.debug, lambda: check(args), run_segmentation,
+                                "finished blocks are kept and the same command continues from them")
+    if code == 0:
+        print(format_summary(summary))
+    return code
 
 
 def format_summary(summary: dict) -> str:

@@ -14,7 +14,8 @@ import pytest
 import tifffile
 from skimage.measure import label
 
-from flows.cli import EXIT_FAILED, EXIT_USAGE, main
+from flows.cli import main
+from flows.command import EXIT_FAILED, EXIT_USAGE
 from flows.parameters import extract_parameters
 from tasks.extract import POLICY as EXTRACT
 from unet.data_list import read_data_list, resolve_inputs

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -89,15 +90,12 @@ class Hosts:
 
     def processes(self) -> dict[int, str]:
         """pid -> command line of every live process with this module's tag (msrun, ranks, servers)."""
-        needle = f"UNET_TEST_TAG={self.tag}".encode() + b"\0"
         found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
+        for proc in psutil.process_iter():
             try:
-                if needle in (entry / "environ").read_bytes():
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
-            except OSError:
+                if proc.pid != os.getpid() and proc.environ().get("UNET_TEST_TAG") == self.tag:
+                    found[proc.pid] = " ".join(proc.cmdline())[:160]
+            except psutil.Error:
                 continue
         return found
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 import pytest
 import tifffile
 
@@ -90,15 +91,12 @@ def cli_env(home: Path) -> dict[str, str]:
 def processes_using(home: Path) -> dict[int, str]:
     """pid -> command line of every process whose environment has ``PREFECT_HOME=home``: the
     pipeline runs of one test and the temporary Prefect servers they started, nothing else."""
-    needle = f"PREFECT_HOME={home}".encode() + b"\0"
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for proc in psutil.process_iter():
         try:
-            if needle in (entry / "environ").read_bytes():
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-        except OSError:
+            if proc.pid != os.getpid() and proc.environ().get("PREFECT_HOME") == str(home):
+                found[proc.pid] = " ".join(proc.cmdline())[:200]
+        except psutil.Error:
             continue
     return found
 

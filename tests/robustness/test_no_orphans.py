@@ -140,15 +140,21 @@ def _server_pids(home: Path) -> list[int]:
     return [pid for pid, cmd in processes_using(home).items() if "uvicorn" in cmd]
 
 
-@pytest.mark.integration
-def test_sigkill_of_the_run_stops_its_temporary_server(data, pipeline, tmp_path):
-    """Before the watchdog, a SIGKILLed run always left its server (uvicorn) running for good."""
+def _paused_before_extract(data, pipeline, tmp_path, name: str):
+    """A smoke run in a session of its own, paused before its first stage, its server up."""
     marker = tmp_path / "paused"
     args = ["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), *SMOKE]
-    proc = pipeline.start(args, "killed", wrapper=[str(FAULT_RUNNER)], new_session=True,
+    proc = pipeline.start(args, name, wrapper=[str(FAULT_RUNNER)], new_session=True,
                           env={**ENV, "FAULT": "pause-at", "PAUSE_POINT": "before:extract",
                                "PAUSE_MARKER": str(marker)})
     wait_for(marker.exists, proc, 300, "the flow to start")
+    return proc
+
+
+@pytest.mark.integration
+def test_sigkill_of_the_run_stops_its_temporary_server(data, pipeline, tmp_path):
+    """Before the watchdog, a SIGKILLed run always left its server (uvicorn) running for good."""
+    proc = _paused_before_extract(data, pipeline, tmp_path, "killed")
     assert len(_server_pids(pipeline.home)) == 1, processes_using(pipeline.home)
     proc.kill()
     assert proc.wait(30) == -signal.SIGKILL
@@ -159,12 +165,7 @@ def test_sigkill_of_the_run_stops_its_temporary_server(data, pipeline, tmp_path)
 def test_ctrl_c_in_a_terminal_reaches_the_run_not_its_server(data, pipeline, tmp_path):
     """SIGINT to the run's process group (Ctrl-C): the server runs in a session of its own, so the run
     reports its end to a live server and stops it: exit 130, one line, nothing left."""
-    marker = tmp_path / "paused"
-    args = ["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), *SMOKE]
-    proc = pipeline.start(args, "ctrl-c", wrapper=[str(FAULT_RUNNER)], new_session=True,
-                          env={**ENV, "FAULT": "pause-at", "PAUSE_POINT": "before:extract",
-                               "PAUSE_MARKER": str(marker)})
-    wait_for(marker.exists, proc, 300, "the flow to start")
+    proc = _paused_before_extract(data, pipeline, tmp_path, "ctrl-c")
     [server] = _server_pids(pipeline.home)
     assert os.getpgid(server) != proc.pid, "the server is in the run's process group"
     os.killpg(proc.pid, signal.SIGINT)
