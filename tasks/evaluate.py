@@ -1,9 +1,9 @@
 """Stage 5: metrics of the best checkpoint — the case's five on train and val as training's
 per-epoch validation sees them (``unet.data.eval_transforms``: the case's 224 resize, or whole
 frames without TTA for crop recipes), and native-size predictions of val (written) and train
-(scored only) scored for both classes and with V_rand / V_info. The case metrics run on MindSpore,
-the native-size predictions on ONNX Runtime (``unet.backends.PIPELINE_BACKEND``, as the segmentation
-flow; the same probabilities within 1e-5, 3.8x faster here).
+(scored only) scored for both classes and with V_rand / V_info. Both run on ONNX Runtime
+(``unet.backends.PIPELINE_BACKEND``, as the segmentation flow; the same probabilities as MindSpore
+within 1e-5, 3.8x faster here, and no MindSpore graph to compile).
 
 With ``align`` (the default), the sub-pixel shift that best maps the train frames' predictions onto
 their labels (:mod:`unet.align`) is estimated here, applied to the val predictions before they are
@@ -38,10 +38,9 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     from unet.align import Alignment, estimate_shift, shift
     from unet.backends import PIPELINE_BACKEND, load_predictor
     from unet.data import SegmentationSource, central_crops, eval_transforms, read_sections, volume_of
-    from unet.evaluate import native_scores, read_mask_frames
-    from unet.infer import load_model, predict_files, predict_frame
+    from unet.evaluate import case_metrics, native_scores, read_mask_frames
+    from unet.infer import predict_files, predict_frame
     from unet.recipes import Recipe
-    from unet.train import evaluate_case_metrics
     from unet.viz import plot_examples, plot_history
 
     config = Recipe.from_dict(recipe)
@@ -50,8 +49,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
 
     def build(folder):
         checkpoint = Path(model["output"]) / model["best_checkpoint"]
-        net = load_model(checkpoint, config)  # MindSpore: the case metrics, as training's validation
-        predictor = load_predictor(checkpoint, config, backend=PIPELINE_BACKEND)  # the native-size predictions
+        predictor = load_predictor(checkpoint, config, backend=PIPELINE_BACKEND)
         train_pairs, val_pairs = dataset_pairs(datasets, "train"), dataset_pairs(datasets, "val")
         sources = {name: SegmentationSource(pairs, eval_transforms(config), config.in_channels,
                                             sections=config.sections)
@@ -59,7 +57,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         # whole native frames of different sizes (crop recipes, several volumes) cannot share a batch
         sizes = datasets.get("frame_shapes") or [None]
         batch = config.val_batch_size if config.input_mode == "resize" or len(sizes) == 1 else 1
-        metrics = {name: evaluate_case_metrics(net, src, batch) for name, src in sources.items()}
+        metrics = {name: case_metrics(predictor, src, batch) for name, src in sources.items()}
         train_probs = [predict_frame(predictor, read_sections(img, config.sections), config, tta=config.tta,
                                      scales=scales) for img, _ in train_pairs]
         train_masks = read_mask_frames([m for _, m in train_pairs])

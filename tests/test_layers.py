@@ -6,6 +6,8 @@ there)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,21 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("path", sorted((REPO / "unet").glob("*.py")), ids=lambda p: p.name)
 def test_unet_is_a_plain_library(path):
     assert not {name for name in imports(path) if name.split(".")[0] in ("prefect", "prefect_dask", "flows", "tasks")}
+
+
+def test_scoring_imports_no_mindspore():
+    """Scoring predictions (the evaluate stage's metrics) never loads MindSpore (about 5 s to import):
+    a fresh process scores a case-metrics batch and native-size frames, and MindSpore is not loaded."""
+    code = """
+import sys
+import numpy as np
+from unet.evaluate import case_metrics, native_scores
+rng = np.random.default_rng(0)
+masks = (rng.random((2, 32, 32)) < 0.7).astype(np.uint8)
+probs = rng.random((2, 32, 32)).astype(np.float32)
+source = [(p[None], m[None]) for p, m in zip(probs, masks)]
+print(case_metrics(lambda x: x[:, 0], source, 2)["iou"], native_scores(probs, masks)["v_rand"])
+assert not [m for m in sys.modules if m.split(".")[0] == "mindspore"], "mindspore was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

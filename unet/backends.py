@@ -91,10 +91,13 @@ def load_predictor(checkpoint: Path | str, recipe: Recipe, backend: str = "minds
     if backend == "mindspore":
         return MindSporePredictor(load_model(checkpoint, recipe))
     if backend == "onnxruntime":
-        from unet.export import checkpoint_weights, unet_onnx
+        from unet.export import check_weights, checkpoint_weights, unet_onnx
 
-        load_model(checkpoint, recipe)  # the same checks: the file exists and matches the recipe
-        return OnnxPredictor(unet_onnx(checkpoint_weights(checkpoint), recipe), threads)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+        weights = checkpoint_weights(checkpoint)
+        check_weights(weights, recipe, checkpoint)  # as load_model checks, without building the network
+        return OnnxPredictor(unet_onnx(weights, recipe), threads)
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 

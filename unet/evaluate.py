@@ -1,5 +1,5 @@
-"""Evaluation: native-size scores of predictions (the case's metrics as training validates are
-:func:`unet.train.evaluate_case_metrics`).
+"""Evaluation: the case's metrics of a predictor as training validates (:func:`case_metrics`) and
+native-size scores of predictions (:func:`native_scores`). No MindSpore here.
 
 ``native_scores`` is what the pipeline reports for full-size predictions: the case's five
 per-image metrics (cell class), dataset-level confusion scores for both classes, and the ISBI
@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from unet.data import read_grey
-from unet.metrics import (CASE_METRICS, ConfusionCounts, case_scores, confusion_counts,
+from unet.metrics import (CASE_METRICS, CaseScores, ConfusionCounts, case_scores, confusion_counts,
                           confusion_scores, segmentation_scores)
 from unet.segment import filled_segmentation_scores
 
@@ -29,6 +29,20 @@ def read_masks(paths: Sequence[Path | str]) -> np.ndarray:
 def read_mask_frames(paths: Sequence[Path | str]) -> list[np.ndarray]:
     """Binary masks {0, 1} [H, W] (1 = cell) from 0/255 PNGs, one per path, of any sizes."""
     return [(read_grey(p) > 127).astype(np.uint8) for p in paths]
+
+
+def case_metrics(predict: Callable[[np.ndarray], np.ndarray], source: Sequence, batch_size: int) -> dict[str, float]:
+    """The case's five metrics (per-image means, :class:`unet.metrics.CaseScores`) of ``predict`` on
+    ``source`` (a :class:`unet.data.SegmentationSource`: network inputs and masks ``[1, H, W]``), in
+    batches of ``batch_size`` as training's validation (:func:`unet.train.evaluate_case_metrics`) scores
+    them. ``predict``: inputs ``[N, C, H, W]`` -> cell probabilities ``[N, H, W]`` (a predictor of
+    :mod:`unet.backends`, on either backend)."""
+    scores = CaseScores()
+    for start in range(0, len(source), batch_size):
+        batch = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+        probs = np.asarray(predict(np.stack([b[0] for b in batch])))
+        scores.update(probs[:, None], np.stack([b[1] for b in batch]))
+    return scores.eval()
 
 
 def _frames(name: str, frames: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -38,6 +38,35 @@ def checkpoint_weights(checkpoint: Path | str) -> dict[str, np.ndarray]:
     return {name: p.asnumpy().astype(np.float32) for name, p in ms.load_checkpoint(str(checkpoint)).items()}
 
 
+def parameter_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of :class:`unet.model.UNet` for ``recipe`` (its checkpoint's
+    names), without building the network."""
+    b, c = recipe.base_channels, recipe.in_channels
+    blocks = {"enc1": (c, b), "enc2": (b, 2 * b), "enc3": (2 * b, 4 * b), "enc4": (4 * b, 8 * b),
+              "bottom": (8 * b, 16 * b), "up1.conv": (24 * b, 8 * b), "up2.conv": (12 * b, 4 * b),
+              "up3.conv": (6 * b, 2 * b), "up4.conv": (3 * b, b)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, (cin, cout) in blocks.items():
+        for conv, bn, into in ((0, 1, cin), (3, 4, cout)):
+            shapes[f"{prefix}.block.{conv}.weight"] = (cout, into, 3, 3)
+            for name in ("moving_mean", "moving_variance", "gamma", "beta"):
+                shapes[f"{prefix}.block.{bn}.{name}"] = (cout,)
+    shapes["head.weight"], shapes["head.bias"] = (1, b, 1, 1), (1,)
+    return shapes
+
+
+def check_weights(weights: Mapping[str, np.ndarray], recipe: Recipe, source: Path | str) -> None:
+    """ValueError naming ``source`` unless ``weights`` has every parameter of ``recipe``'s UNet in its
+    shape (what ``load_param_into_net(strict_load=True)`` checks, without MindSpore's network)."""
+    mismatch = (f"{source}: does not match the recipe {recipe.name!r} "
+                f"(in_channels={recipe.in_channels}, base_channels={recipe.base_channels})")
+    for name, shape in parameter_shapes(recipe).items():
+        if name not in weights:
+            raise ValueError(f"{mismatch}: missing parameters such as {name}")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{mismatch}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
 def unet_onnx(weights: Mapping[str, np.ndarray], recipe: Recipe):
     """The ONNX model of the UNet of ``recipe`` with ``weights`` (:func:`checkpoint_weights`)."""
     import onnx

@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from mindspore import Tensor
-from mindspore.train import Metric, rearrange_inputs
 from skimage.measure import label
 
 __all__ = [
     "CASE_METRICS",
     "DEFAULT_THRESHOLDS",
-    "CaseMetrics",
+    "CaseScores",
     "ConfusionCounts",
     "case_scores",
     "confusion_counts",
@@ -118,14 +116,15 @@ def case_scores(pred: np.ndarray, target: np.ndarray, smooth: float = 1e-5) -> d
     }
 
 
-class CaseMetrics(Metric):
-    """The MindSpore case's metric: per-image ``acc, iou, dice, sens, spec``, averaged over images.
+class CaseScores:
+    """The MindSpore case's metric as a plain accumulator: per-image ``acc, iou, dice, sens, spec``,
+    averaged over images (the MindSpore ``Metric`` of training wraps it: :class:`unet.case_metric.CaseMetrics`).
 
-    ``update(y_pred, y)`` takes ``y_pred``, probabilities of cell of shape ``[N, 1, H, W]``
-    (Tensor or ndarray), rounds them with ``np.round`` like the case (half to even, so exactly
-    0.5 becomes 0: a pixel is cell when its probability is > 0.5), and scores each image against
-    the mask ``y`` (same shape, values in {0, 1}) with :func:`case_scores`. ``eval()`` returns
-    the mean of each score over every image seen since ``clear()``.
+    ``update(y_pred, y)`` takes ``y_pred``, probabilities of cell of shape ``[N, 1, H, W]``, rounds
+    them with ``np.round`` like the case (half to even, so exactly 0.5 becomes 0: a pixel is cell
+    when its probability is > 0.5), and scores each image against the mask ``y`` (same shape,
+    values in {0, 1}) with :func:`case_scores`. ``eval()`` returns the mean of each score over every
+    image seen since ``clear()``.
 
     Note that these scores treat *cell*, the majority class of ISBI 2012 (about 78 % of the
     training-label pixels), as positive: ``iou``/``dice`` are cell scores and stay high even for
@@ -139,7 +138,6 @@ class CaseMetrics(Metric):
     """
 
     def __init__(self, smooth: float = 1e-5) -> None:
-        super().__init__()
         if not np.isfinite(smooth) or smooth <= 0:
             raise ValueError(f"smooth must be a finite positive number, got {smooth}")
         self.smooth = smooth
@@ -152,11 +150,10 @@ class CaseMetrics(Metric):
         self._sums = {k: 0.0 for k in CASE_METRICS}
         self._samples = 0
 
-    @rearrange_inputs
-    def update(self, y_pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> None:
+    def update(self, y_pred: np.ndarray, y: np.ndarray) -> None:
         """Add a batch: ``y_pred`` probabilities ``[N, 1, H, W]``, ``y`` binary mask of the same shape."""
-        pred = _probabilities("y_pred", _to_numpy(y_pred))
-        mask = _binary("y", _to_numpy(y))
+        pred = _probabilities("y_pred", np.asarray(y_pred))
+        mask = _binary("y", np.asarray(y))
         if pred.ndim != 4 or pred.shape[1] != 1:
             raise ValueError(f"y_pred must have shape [N, 1, H, W], got {pred.shape}")
         _same_shape(("y_pred", "y"), pred, mask)
@@ -168,12 +165,8 @@ class CaseMetrics(Metric):
     def eval(self) -> dict[str, float]:
         """Mean of each case score over the images seen; RuntimeError if there were none."""
         if self._samples == 0:
-            raise RuntimeError("CaseMetrics.eval() called before any update(): no images to score")
+            raise RuntimeError(f"{type(self).__name__}.eval() called before any update(): no images to score")
         return {k: s / self._samples for k, s in self._sums.items()}
-
-
-def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
-    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 # --------------------------------------------------------------------------- confusion scores

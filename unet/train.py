@@ -43,7 +43,8 @@ import pandas as pd
 
 from unet.data import SegmentationSource, create_dataset, eval_transforms, train_transforms
 from unet.parallel import SINGLE, ProcessGroup, params_digest, shard_steps
-from unet.metrics import CASE_METRICS, CaseMetrics, case_scores
+from unet.case_metric import CaseMetrics
+from unet.metrics import CASE_METRICS, case_scores
 from unet.model import UNet
 from unet.recipes import Recipe
 

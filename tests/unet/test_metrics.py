@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from skimage.measure import label
 
+from unet.case_metric import CaseMetrics
 from unet.metrics import (
     CASE_METRICS,
-    CaseMetrics,
     ConfusionCounts,
     case_scores,
     confusion_counts,

@@ -220,9 +220,46 @@ def test_blocks_equal_the_whole_frame_with_and_without_tta(trained, frames):
 
 
 def test_checkpoint_of_another_recipe_is_rejected(trained):
+    from unet.backends import load_predictor
+
     recipe, result, _, _ = trained
     with pytest.raises(ValueError, match="does not match"):
         load_model(result.best_checkpoint, recipe.replace(base_channels=16))
+    # ONNX Runtime's path checks the weights without building MindSpore's network
+    with pytest.raises(ValueError, match=r"best.ckpt: does not match the recipe 'smoke' .*base_channels=16.*"
+                                         r"enc1.block.0.weight has shape \(8, 1, 3, 3\), expected \(16, 1, 3, 3\)"):
+        load_predictor(result.best_checkpoint, recipe.replace(base_channels=16), "onnxruntime")
+    with pytest.raises(ValueError, match="in_channels=3"):
+        load_predictor(result.best_checkpoint, recipe.replace(in_channels=3), "onnxruntime")
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt: checkpoint not found"):
+        load_predictor(result.best_checkpoint.parent / "nothing.ckpt", recipe, "onnxruntime")
+
+
+def test_parameter_shapes_are_the_networks(trained):
+    """unet.export.parameter_shapes (the ONNX path's weight check) lists the MindSpore UNet's
+    parameters, for the smoke recipe and a 3-channel base-32 one."""
+    from unet.export import parameter_shapes
+    from unet.model import UNet
+
+    recipe = trained[0]
+    for config in (recipe, recipe.replace(in_channels=3, base_channels=32)):
+        net = UNet(config.in_channels, config.base_channels)
+        assert parameter_shapes(config) == {p.name: tuple(p.shape) for p in net.get_parameters()}
+
+
+def test_case_metrics_on_onnx_runtime_are_trainings_validation(trained, frames):
+    """The evaluate stage scores the case metrics on ONNX Runtime (unet.evaluate.case_metrics): the
+    best epoch's validation that training computed on MindSpore, to float precision."""
+    from unet.backends import load_predictor
+    from unet.data import SegmentationSource, eval_transforms
+    from unet.evaluate import case_metrics
+
+    recipe, result, out, _ = trained
+    val = SegmentationSource(frames["val"], eval_transforms(recipe), recipe.in_channels)
+    got = case_metrics(load_predictor(result.best_checkpoint, recipe, "onnxruntime"), val, recipe.val_batch_size)
+    best = pd.read_csv(out / "history.csv").set_index("epoch").loc[result.best_epoch]
+    for metric in ("acc", "iou", "dice", "sens", "spec"):
+        assert got[metric] == pytest.approx(best[f"val_{metric}"], abs=1e-5), metric
 
 
 def test_test_time_scales_average_the_resized_predictions(trained, frames):
