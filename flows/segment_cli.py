@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     params = {k: v for k, v in vars(args).items() if k != "debug"}
+
     def run_segmentation() -> dict:
         server = start_temporary_server()
         if server is not None and (args.workers > 1 or args.dask_address):
