@@ -100,10 +100,10 @@ def main() -> None:
     args = p.parse_args()
 
     import mindspore as ms
-    import onnxruntime as ort
-    import tifffile
+    from inference import int8_model
 
-    from unet.export import checkpoint_weights, network_inputs, quantize_int8, unet_onnx
+    from unet.backends import OnnxPredictor
+    from unet.export import checkpoint_weights, unet_onnx
     from unet.model import UNet
     from unet.recipes import get_preset
 
@@ -113,16 +113,11 @@ def main() -> None:
     net = UNet(recipe.in_channels, recipe.base_channels)
     net.set_train(False)
     ms.save_checkpoint(net, str(folder / "untrained.ckpt"))
-    (folder / "model.onnx").write_bytes(unet_onnx(checkpoint_weights(folder / "untrained.ckpt"), recipe)
-                                        .SerializeToString())
-    if "onnxruntime-int8" in args.frameworks:
-        frames = tifffile.imread(Path(args.data_dir) / "train-volume.tif")[:4]
-        quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", [network_inputs(f, recipe) for f in frames])
-
-    def session(path: Path):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if "onnxruntime-int8" in args.frameworks:  # writes model.onnx beside model.int8.onnx
+        int8_model(folder / "untrained.ckpt", recipe, argparse.Namespace(data_dir=args.data_dir, calibration_frames=4))
+    else:
+        (folder / "model.onnx").write_bytes(unet_onnx(checkpoint_weights(folder / "untrained.ckpt"), recipe)
+                                            .SerializeToString())
 
     gflop = common.unet_forward_flops(recipe.in_channels, recipe.base_channels, args.side, args.side) / 1e9
     clock = args.clock_ghz or cpuinfo_ghz()
@@ -143,7 +138,7 @@ def main() -> None:
                 seconds = median_seconds(lambda: net(tensor).asnumpy(), args.repeats)
             else:
                 model = folder / ("model.int8.onnx" if name.endswith("int8") else "model.onnx")
-                sess = sessions.setdefault(name, session(model))
+                sess = sessions.setdefault(name, OnnxPredictor(model, args.threads).session)  # the block engine's
                 seconds = median_seconds(lambda: sess.run(["prob"], {"x": x}), args.repeats)
             rows.append((name, seconds))
         if args.torch_python:

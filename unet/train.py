@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from unet.data import SegmentationSource, create_dataset, eval_transforms, train_transforms
+from unet.evaluate import case_metrics
 from unet.parallel import SINGLE, ProcessGroup, params_digest, shard_steps
 from unet.case_metric import CaseMetrics
 from unet.metrics import CASE_METRICS, case_scores
@@ -155,13 +156,7 @@ def evaluate_case_metrics(net: UNet, source: SegmentationSource, batch_size: int
     if group.size > 1:
         return _evaluate_sharded(net, source, batch_size, group)
     net.set_train(False)
-    metric = CaseMetrics()
-    for start in range(0, len(source), batch_size):
-        batch = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-        images = ms.Tensor(np.stack([b[0] for b in batch]))
-        masks = np.stack([b[1] for b in batch])
-        metric.update(ops.sigmoid(net(images)), masks)
-    return metric.eval()
+    return case_metrics(lambda images: ops.sigmoid(net(ms.Tensor(images))).asnumpy()[:, 0], source, batch_size)
 
 
 def _evaluate_sharded(net: UNet, source: SegmentationSource, batch_size: int,
