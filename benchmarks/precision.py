@@ -22,26 +22,15 @@ from pathlib import Path
 import common
 
 import numpy as np
+from unet.blocks import predict_array as predict  # noqa: E402  what segment computes for a section
 
-SCORES = ("iou", "membrane_dice", "v_rand")
+from unet.evaluate import KEPT_SCORES as SCORES  # noqa: E402  cell IoU, membrane Dice, V_rand
 
 
 def datasets_of(work: Path, record: dict) -> dict:
     """The datasets stage the exported model was trained on, as the train stage received it."""
     folder = work / "datasets" / record["training_data"].split(":", 1)[1]
     return {"output": str(folder), **json.loads((folder / "manifest.json").read_text())["result"]}
-
-
-def predict(predictor, frame: np.ndarray, settings) -> np.ndarray:
-    """Cell probabilities [H, W] of one frame ([H, W] or [H, W, sections]) through the block engine."""
-    from unet.blocks import predict_section
-
-    h, w = frame.shape[:2]
-    if frame.ndim == 2:
-        return predict_section(predictor, lambda z, y0, y1, x0, x1: frame[y0:y1, x0:x1], (1, h, w), 0, settings)
-    sections = frame.shape[-1]
-    return predict_section(predictor, lambda z, y0, y1, x0, x1: frame[y0:y1, x0:x1, z], (sections, h, w),
-                           sections // 2, settings)
 
 
 def seconds_per_section(predictor, frames: list[np.ndarray], settings, repeats: int) -> float:

@@ -1,6 +1,7 @@
 """Export a trained model for serving: ``python flows/export.py --out DIR [--work-dir W] [--model M]``.
 
-Writes ``DIR/model.onnx``, ``DIR/model.mindir`` and ``DIR/model.json`` (tasks/export.py); then
+Writes ``DIR/model.onnx``, ``DIR/model.int8.onnx`` (calibrated on the model's training frames and
+checked on its val frames), ``DIR/model.mindir`` and ``DIR/model.json`` (tasks/export.py); then
 ``python flows/segment.py INPUT --model DIR`` segments with ONNX Runtime alone. No Prefect server
 is started: exporting is one short step.
 """
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    from tasks.export import export_model
+    from tasks.export import export_model, int8_summary
 
     try:
         record = export_model(args.model, args.work_dir, args.out)
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     val = ", ".join(f"{k} {v:.4f}" for k, v in record["val"].items()) or "no evaluation found"
     print(f"exported {record['source']} ({record['recipe']['name']}, key {record['model_key']}) to {args.out}\n"
           f"  model.onnx, model.mindir, model.json; val: {val}\n"
+          f"  int8: {int8_summary(record)}\n"
           f"  segment with it: python flows/segment.py INPUT --model {args.out}")
     return 0
 

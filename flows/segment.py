@@ -103,7 +103,7 @@ def _run_all(runner, task, argument: str, plan: dict, groups: list[list[int]], w
 
 @flow(name="segment-volume")
 def segment_volume(input: str, output: str | None = None, format: str = "zarr", work_dir: str = "artifacts",
-                   model: str = "champion", backend: str = "onnxruntime", precision: str = "fp32",
+                   model: str = "champion", backend: str = "onnxruntime", precision: str = "auto",
                    tta: str | None = None, tta_scales: list[float] | None = None,
                    block: int = DEFAULT_BLOCK, halo: int | None = None, workers: int = 1,
                    dask_address: str | None = None, blocks_per_task: int | None = None,
@@ -111,14 +111,15 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     """Cell probabilities, mask and cell instances of the volume ``input`` (TIFF stack, folder of
     frames, Zarr/OME-Zarr) with ``model`` (``champion`` of ``work_dir``, or a train stage folder /
     checkpoint), written block by block to ``output`` (default: ``default_output``). ``precision``:
-    fp32, or int8 (ONNX Runtime, the model's export calibrated on its training frames). ``tta`` and
+    fp32, int8 (ONNX Runtime, the model's export calibrated on its training frames), or auto: int8
+    where the export's check found it keeps the model's val scores, else fp32. ``tta`` and
     ``tta_scales`` default to the model's (its recipe's TTA, its evaluation's scales); ``block``
     and ``halo``: unet.blocks.Settings. Returns the summary written to ``.segment/complete.json``."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    check_precision(precision, backend)
+    check_precision(precision, backend, auto=True)
     logger = get_run_logger()
-    m = resolve_model(model, work_dir, precision)
+    m = resolve_model(model, work_dir, precision, backend)
     if m.get("onnx") and backend != "onnxruntime":
         raise ValueError(f"{model}: an exported model runs on onnxruntime, not {backend}")
     tta = tta or ("d4" if m["recipe"]["tta"] else "none")
@@ -127,8 +128,9 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     # ONNX Runtime threads per process: every core for one process, a share of them per local worker
     threads = 0 if workers == 1 or dask_address else max(1, (os.cpu_count() or 1) // workers)
     plan = plan_segmentation(input, output, format, m, backend, threads, tta, scales, block, halo, overwrite)
-    logger.info("model %s (%s, key %s) on %s %s: TTA %s, scales %s, shift %s; %d blocks of %s, halo %d",
-                m["source"], m["recipe"]["name"], m["key"], backend, precision, tta, scales, m["shift"],
+    logger.info("model %s (%s, key %s) on %s %s (%s): TTA %s, scales %s, shift %s; %d blocks of %s, halo %d",
+                m["source"], m["recipe"]["name"], m["key"], backend, m["precision"], m["precision_reason"], tta,
+                scales, m["shift"],
                 plan["blocks"],
                 plan["settings"]["block"]
                 if m["recipe"]["input_mode"] == "crop" else "a section", plan["settings"]["halo"])

@@ -56,26 +56,62 @@ def _evaluation_of(work_dir: Path, train_key: str) -> dict | None:
     return max(found, key=lambda t: t[:2])[2] if found else None
 
 
-def resolve_model(model: str, work_dir: str, precision: str = "fp32") -> dict[str, Any]:
+def resolve_model(model: str, work_dir: str, precision: str = "fp32", backend: str = "onnxruntime") -> dict[str, Any]:
     """``champion`` (the champion of ``work_dir``), a train stage folder, a checkpoint inside one, or
     an export folder (flows/export.py) -> {"checkpoint", "key", "train_key", "recipe", "shift",
-    "tta_scales", "source", "val", "precision"} (and "onnx" for an export). The alignment
-    shift and test-time scales are those of the model's evaluation in ``work_dir`` (none if it has
-    none). ``precision`` int8 resolves to an export's int8 model: the export folder's, or for a
-    checkpoint the champion export of ``work_dir`` when it holds that checkpoint.
+    "tta_scales", "source", "val", "precision", "precision_reason"} (and "onnx", "export" for an
+    export). The alignment shift and test-time scales are those of the model's evaluation in
+    ``work_dir`` (none if it has none). ``precision`` int8 resolves to an export's int8 model: the
+    export folder's, or for a checkpoint the champion export of ``work_dir`` when it holds that
+    checkpoint; ``auto`` to int8 where that export's int8 check kept the val scores
+    (:func:`tasks.export.int8_check`) and ``backend`` is onnxruntime, else to fp32.
     FileNotFoundError / ValueError with one line saying what to do."""
     from unet.backends import check_precision
 
-    check_precision(precision)
-    found = _resolve_model(model, work_dir, precision)
+    check_precision(precision, backend, auto=True)
+    found = _resolve_model(model, work_dir, "fp32" if precision == "auto" else precision)
+    reason = "asked for"
+    if precision == "auto":
+        precision, reason = _auto_precision(found, backend)
     if precision == "int8" and not found.get("onnx"):
-        export = Path(found["checkpoint"]).parents[2] / "champion-export"
-        record = json.loads((export / "model.json").read_text()) if (export / "model.json").is_file() else {}
-        if record.get("sha256", {}).get("checkpoint") != file_digest(Path(found["checkpoint"])):
+        export = _export_of(found)
+        if export is None:
             raise ValueError(f"{model}: int8 needs an export of this model, calibrated on its training frames: "
                              "python flows/export.py --model ... --out DIR, then --model DIR")
-        return {**_exported_model(export, precision), "source": f"{found['source']} (int8: {export})"}
-    return {**found, "precision": precision}
+        found = {**_exported_model(export, precision), "source": f"{found['source']} (int8: {export})"}
+    elif precision == "int8" and found["precision"] != "int8":
+        found = {**_exported_model(Path(found["export"]), precision), "source": found["source"]}
+    return {**found, "precision": precision, "precision_reason": reason}
+
+
+def _export_of(found: dict) -> Path | None:
+    """The export folder of a resolved model: its own, or for a checkpoint the champion export of
+    its work directory when that holds the same weights."""
+    if found.get("export"):
+        return Path(found["export"])
+    export = Path(found["checkpoint"]).parents[2] / "champion-export"
+    record = json.loads((export / "model.json").read_text()) if (export / "model.json").is_file() else {}
+    return export if record.get("sha256", {}).get("checkpoint") == file_digest(Path(found["checkpoint"])) else None
+
+
+def _auto_precision(found: dict, backend: str) -> tuple[str, str]:
+    """The precision ``auto`` means for a resolved (fp32) model, and why in a few words."""
+    if backend != "onnxruntime":
+        return "fp32", f"auto: int8 runs on onnxruntime only, not {backend}"
+    export = _export_of(found)
+    record = json.loads((export / "model.json").read_text()) if export else {}
+    check = (record.get("int8") or {}).get("check")
+    if not check:
+        return "fp32", ("auto: no checked int8 model for it (flows/export.py writes one where the model's "
+                        "val frames are found)")
+    loss = check["loss"]
+    if check["keeps_scores"]:
+        worst = (f"largest loss {loss['value']:.4f} of {loss['score']}" if loss["value"] > 0 else
+                 "none below fp32's")
+        return "int8", (f"auto: int8 kept the val scores on {check['frames']} frames ({worst}; tolerance "
+                        f"{check['tolerance']})")
+    return "fp32", (f"auto: int8 lost {loss['value']:.4f} of val {loss['score']} on {check['frames']} frames "
+                    f"(tolerance {check['tolerance']})")
 
 
 def _resolve_model(model: str, work_dir: str, precision: str) -> dict[str, Any]:
@@ -130,7 +166,7 @@ def _exported_model(folder: Path, precision: str = "fp32") -> dict[str, Any]:
 
     record = json.loads((folder / SIDECAR).read_text())
     onnx_path = model_file(folder, precision)
-    return {"checkpoint": None, "onnx": str(onnx_path), "key": file_digest(onnx_path)[:16],
+    return {"checkpoint": None, "onnx": str(onnx_path), "export": str(folder), "key": file_digest(onnx_path)[:16],
             "train_key": record.get("train_key"), "recipe": record["recipe"], "source": str(folder),
             "shift": record["alignment_shift"], "tta_scales": record["tta_scales"], "val": record.get("val", {}),
             "precision": precision}
@@ -431,6 +467,7 @@ def _finish_segmentation(plan: dict, seconds: float) -> dict:
                          "per_section_min": int(min(counts)), "per_section_max": int(max(counts))},
                "model": plan["model"]["source"], "model_key": plan["model_key"], "backend": plan["backend"],
                "precision": plan["model"].get("precision", "fp32"),
+               "precision_reason": plan["model"].get("precision_reason", "asked for"),
                "settings": plan["settings"],
                "threshold": plan["threshold"], "files": files,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -455,7 +492,8 @@ def summary_markdown(summary: dict, state: str) -> str:
             ("cells", f"{cells['total']} (per section {cells['per_section_min']}..{cells['per_section_max']}, "
                       f"mean {cells['per_section_mean']})"),
             ("model", f"{summary['model']} (key {summary['model_key']})"),
-            ("inference", f"{summary.get('backend', 'mindspore')} {summary.get('precision', 'fp32')}, TTA {s['tta']}, "
+            ("inference", f"{summary.get('backend', 'mindspore')} {summary.get('precision', 'fp32')} "
+                          f"({summary.get('precision_reason', 'asked for')}), TTA {s['tta']}, "
                           f"scales {s['scales']}, "
                           f"shift {s['shift']}, threshold {summary['threshold']}"),
             ("state", state)]

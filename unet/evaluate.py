@@ -105,3 +105,18 @@ def native_scores(cell_prob: np.ndarray | Sequence[np.ndarray], target: np.ndarr
     out.update({"v_rand_filled": filled["v_rand"], "v_rand_filled_threshold": filled["v_rand_threshold"],
                 "v_info_filled": filled["v_info"], "v_info_filled_threshold": filled["v_info_threshold"]})
     return out
+
+
+KEPT_SCORES = ("iou", "membrane_dice", "v_rand")  # the three a faster model must keep (issue 19)
+TOLERANCE = 0.002
+
+
+def scores_kept(scores: dict[str, float], reference: dict[str, float], tolerance: float = TOLERANCE) -> dict:
+    """Whether ``scores`` lose less than ``tolerance`` against ``reference`` on each of
+    :data:`KEPT_SCORES` (gains are fine): {"val", "reference", "loss", "tolerance", "keeps_scores"},
+    ``loss`` the largest drop (negative: better on all three)."""
+    losses = {k: reference[k] - scores[k] for k in KEPT_SCORES}
+    worst = max(losses, key=losses.get)
+    return {"val": {k: scores[k] for k in KEPT_SCORES}, "reference": {k: reference[k] for k in KEPT_SCORES},
+            "loss": {"score": worst, "value": losses[worst]}, "tolerance": tolerance,
+            "keeps_scores": losses[worst] < tolerance}

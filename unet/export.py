@@ -12,7 +12,7 @@ mirrors its input out to them, as the MindSpore network does inside).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,10 +23,12 @@ PRECISIONS = ("fp32", "int8")
 BN_EPS = 1e-5  # mindspore.nn.BatchNorm2d's default, which unet.model uses
 
 
-def check_precision(precision: str, backend: str = "onnxruntime") -> None:
-    """ValueError unless ``precision`` is one of :data:`PRECISIONS` and runs on ``backend``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+def check_precision(precision: str, backend: str = "onnxruntime", auto: bool = False) -> None:
+    """ValueError unless ``precision`` is one of :data:`PRECISIONS` (or ``auto`` where ``auto``,
+    which the caller resolves to one of them) and runs on ``backend``."""
+    allowed = ("auto", *PRECISIONS) if auto else PRECISIONS
+    if precision not in allowed:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(allowed)}")
     if precision == "int8" and backend != "onnxruntime":
         raise ValueError(f"precision int8 runs on onnxruntime, not {backend}")
 
@@ -139,10 +141,12 @@ FLOAT_NODES = ("logit", "prob")
 
 
 def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, sidecar: dict,
-                 calibration_frames: Sequence[np.ndarray] = (), calibration: str = CALIBRATION) -> dict:
+                 calibration_frames: Sequence[np.ndarray] = (), calibration: str = CALIBRATION,
+                 int8_check: Callable[[Path], dict] | None = None) -> dict:
     """``out_dir/model.onnx`` (:func:`unet_onnx`, dynamic batch and size), ``model.int8.onnx``
     (:func:`quantize_int8` calibrated on ``calibration_frames``, the model's training frames as
-    uint8 arrays; none given: no int8 model), ``model.mindir`` (``mindspore.export``; MindSpore 2.10
+    uint8 arrays; none given: no int8 model; ``int8_check(path)``, when given, scores it and its
+    result goes to model.json's ``int8.check``), ``model.mindir`` (``mindspore.export``; MindSpore 2.10
     exports this network only at a fixed input shape: the recipe's training size for resize recipes,
     512 x 512 for native-resolution ones) and, last, ``model.json``: ``sidecar`` plus the files,
     their sha256 and the input rules. Every file goes through a temporary name, so a reader never
@@ -188,7 +192,8 @@ def write_export(checkpoint: Path | str, recipe: Recipe, out_dir: Path | str, si
                   "mindir": "model.mindir", "mindir_input_shape": shape},
         "int8": {"format": "QDQ", "weights": "int8, per output channel", "activations": "uint8",
                  "calibration": calibration, "calibration_frames": len(calibration_frames),
-                 "float32_nodes": list(FLOAT_NODES)} if calibration_frames else None,
+                 "float32_nodes": list(FLOAT_NODES),
+                 "check": int8_check(out / INT8_FILE) if int8_check else None} if calibration_frames else None,
         "sha256": {"checkpoint": digest(Path(checkpoint)), "onnx": digest(out / "model.onnx"),
                    **({"onnx_int8": digest(out / INT8_FILE)} if calibration_frames else {}),
                    "mindir": digest(out / "model.mindir")},

@@ -391,7 +391,7 @@ def test_segment_with_precision_int8_end_to_end(segment, smoke_work, isbi_dir, t
     stack = tifffile.imread(isbi_dir / "test-volume.tif")[:3, :256, :320]
     source = tmp_path / "tiny.tif"
     tifffile.imwrite(source, stack, photometric="minisblack")
-    fp32 = segment(source, tmp_path / "fp32.ome.zarr", work_dir=work)
+    fp32 = segment(source, tmp_path / "fp32.ome.zarr", work_dir=work, precision="fp32")
     int8 = segment(source, tmp_path / "int8.ome.zarr", work_dir=work, precision="int8")
     assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
     assert int8["model_key"] != fp32["model_key"]  # another model file: its output is its own
@@ -401,7 +401,111 @@ def test_segment_with_precision_int8_end_to_end(segment, smoke_work, isbi_dir, t
     attrs = zarr.open_group(str(tmp_path / "int8.ome.zarr"), mode="r").attrs["segmentation"]
     assert attrs["checkpoint"].endswith("model.int8.onnx")
     with pytest.raises(OutputMismatch, match="another model"):  # fp32 into the int8 output
-        segment(source, tmp_path / "int8.ome.zarr", work_dir=work)
+        segment(source, tmp_path / "int8.ome.zarr", work_dir=work, precision="fp32")
+
+
+@pytest.mark.ci_slice
+def test_the_int8_check_is_the_int8_models_val_scores_against_fp32s(smoke_work):
+    """The export scores its int8 model on the val frames as segmentation runs it (block engine,
+    the model's TTA, scales and shift) against the evaluate stage's fp32 val scores; the same path
+    at fp32 gives the evaluate stage's scores, so the two are compared like for like."""
+    from tasks.train import dataset_pairs
+    from unet.backends import load_exported
+    from unet.blocks import Settings, predict_array
+    from unet.data import read_grey
+    from unet.evaluate import KEPT_SCORES, native_scores, read_mask_frames
+    from unet.recipes import Recipe
+
+    work, pipeline = smoke_work
+    export = Path(pipeline["outputs"]["champion_export"])
+    record = json.loads((export / "model.json").read_text())
+    check = record["int8"]["check"]
+    val = pipeline["metrics"]["val_native"]
+    folder = work / "datasets" / record["training_data"].split(":", 1)[1]
+    pairs = dataset_pairs({"output": folder, **json.loads((folder / "manifest.json").read_text())["result"]}, "val")
+    images = [image for image, _ in pairs]
+    masks = read_mask_frames([mask for _, mask in pairs])
+    assert check["frames"] == len(images) == 10
+    settings = Settings(Recipe.from_dict(record["recipe"]), tta=record["tta"], scales=tuple(record["tta_scales"]),
+                        shift=tuple(record["alignment_shift"]))
+
+    def scores(precision: str) -> dict:
+        predictor = load_exported(export, precision)
+        return native_scores([predict_array(predictor, read_grey(image), settings) for image in images], masks)
+
+    fp32, int8 = scores("fp32"), scores("int8")
+    print("val fp32 (evaluate / block engine) vs int8:",
+          {k: (round(val[k], 4), round(fp32[k], 4), round(int8[k], 4)) for k in KEPT_SCORES})
+    for k in KEPT_SCORES:
+        assert fp32[k] == pytest.approx(val[k], abs=1e-4) and check["reference"][k] == pytest.approx(val[k])
+        assert check["val"][k] == pytest.approx(int8[k], abs=1e-9)
+    assert check["val"] != check["reference"]  # int8 is another model: its scores move
+    losses = {k: val[k] - int8[k] for k in KEPT_SCORES}
+    assert check["keeps_scores"] == (max(losses.values()) < check["tolerance"] == 0.002)
+    assert check["loss"]["value"] == pytest.approx(max(losses.values()))
+
+
+@pytest.mark.ci_slice
+def test_precision_auto_is_int8_only_where_the_check_kept_the_scores(smoke_work, crop_model, tmp_path):
+    import shutil
+
+    from tasks.segment import resolve_model
+
+    work, pipeline = smoke_work
+    export = tmp_path / "export"
+    shutil.copytree(pipeline["outputs"]["champion_export"], export)
+    record = json.loads((export / "model.json").read_text())
+    for keeps, expected in ((True, "int8"), (False, "fp32")):
+        record["int8"]["check"]["keeps_scores"] = keeps
+        (export / "model.json").write_text(json.dumps(record))
+        m = resolve_model(str(export), str(work), "auto")
+        assert m["precision"] == expected and Path(m["onnx"]).name == f"model{'.int8' if keeps else ''}.onnx"
+        assert m["precision_reason"].startswith(f"auto: int8 {'kept' if keeps else 'lost'}")
+        assert resolve_model(str(export), str(work), "auto", backend="mindspore")["precision"] == "fp32"
+    # the champion follows its export's check (the pipeline writes it), as the smoke model's own verdict
+    champion_check = json.loads((Path(pipeline["outputs"]["champion_export"]) / "model.json").read_text())
+    m = resolve_model("champion", str(work), "auto")
+    assert m["precision"] == ("int8" if champion_check["int8"]["check"]["keeps_scores"] else "fp32")
+    # a model without an export, or an export without a check, runs fp32
+    m = resolve_model(str(crop_model), str(work), "auto")
+    assert m["precision"] == "fp32" and "no checked int8 model" in m["precision_reason"]
+    record["int8"]["check"] = None
+    (export / "model.json").write_text(json.dumps(record))
+    assert resolve_model(str(export), str(work), "auto")["precision"] == "fp32"
+
+
+@pytest.mark.ci_slice
+def test_the_champion_export_is_written_again_when_it_lacks_the_int8_check(smoke_work, tmp_path):
+    """An export from before the check (or from an older evaluation) is not up to date: the
+    pipeline's export step writes it again; one that is up to date is left as it is."""
+    import shutil
+
+    from prefect import flow
+
+    from tasks.export import export_champion
+
+    work, pipeline = smoke_work
+    copy = tmp_path / "work"
+    for name in ("evaluate", "champion-export"):
+        shutil.copytree(work / name, copy / name)
+    shutil.copy(work / "champion.json", copy / "champion.json")
+    sidecar = copy / "champion-export" / "model.json"
+    record = json.loads(sidecar.read_text())
+    del record["int8"]["check"]
+    sidecar.write_text(json.dumps(record))
+
+    @flow
+    def export_step() -> str:
+        return export_champion(str(copy))
+
+    export_step()
+    again = json.loads(sidecar.read_text())
+    assert again["int8"]["check"]["frames"] == 10 and again["exported"] >= record["exported"]
+    for name in ("checkpoint", "onnx", "onnx_int8"):  # the same weights give the same models (MindIR
+        assert again["sha256"][name] == record["sha256"][name]  # files differ from export to export)
+    stamp = sidecar.stat().st_mtime_ns
+    export_step()
+    assert sidecar.stat().st_mtime_ns == stamp  # up to date: not written again
 
 
 def test_bad_precisions_get_one_error_line(smoke_work, crop_model, isbi_dir, tmp_path):
