@@ -35,6 +35,7 @@ from tasks.segment import (blocks_to_do, completed_summary, finish_segmentation,
                            plan_segmentation, predict_blocks, resolve_model, sections_to_do, summary_markdown)
 from unet.backends import check_precision  # noqa: E402
 from unet.blocks import DEFAULT_BLOCK  # noqa: E402
+from unet.tta import tta_level  # noqa: E402
 
 FORMATS = ("zarr", "tiff")
 TASKS_PER_WORKER = 4   # enough batches for an even spread and a progress bar that moves
@@ -122,7 +123,7 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     m = resolve_model(model, work_dir, precision, backend)
     if m.get("onnx") and backend != "onnxruntime":
         raise ValueError(f"{model}: an exported model runs on onnxruntime, not {backend}")
-    tta = tta or ("d4" if m["recipe"]["tta"] else "none")
+    tta = tta or tta_level(m["recipe"]["tta"])
     scales = [float(s) for s in (tta_scales or m["tta_scales"])]
     output = output or default_output(input, work_dir, format)
     # ONNX Runtime threads per process: every core for one process, a share of them per local worker

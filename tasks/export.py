@@ -29,11 +29,6 @@ def _training_data(model: dict) -> str | None:
     return json.loads(manifest.read_text())["inputs"].get("datasets") if manifest.is_file() else None
 
 
-def _tta(recipe) -> str:
-    """The TTA the model's evaluation used and its segmentation defaults to."""
-    return "d4" if recipe.tta else "none"
-
-
 def _dataset_pairs(model: dict, split: str) -> list[tuple[Path, Path]]:
     """The (image, mask) pairs of ``split`` of the datasets stage the model was trained on, from its
     folder in the model's work directory. Empty when that stage is not there (a model copied out of
@@ -72,11 +67,12 @@ def int8_check(model: dict) -> Callable[[Path], dict] | None:
         from unet.data import read_sections
         from unet.evaluate import native_scores, read_mask_frames, scores_kept
         from unet.recipes import Recipe
+        from unet.tta import tta_level
 
         t0 = time.perf_counter()
         predictor = OnnxPredictor(path, 0)
         recipe = Recipe.from_dict(model["recipe"])
-        settings = Settings(recipe, tta=_tta(recipe), scales=tuple(model["tta_scales"]), shift=tuple(model["shift"]))
+        settings = Settings(recipe, tta=tta_level(recipe.tta), scales=tuple(model["tta_scales"]), shift=tuple(model["shift"]))
         probs = [predict_array(predictor, read_sections(image, recipe.sections), settings) for image, _ in pairs]
         scores = native_scores(probs, read_mask_frames([mask for _, mask in pairs]))
         return {**scores_kept(scores, model["val"]), "frames": len(pairs),
@@ -93,13 +89,14 @@ def export_model(model: str, work_dir: str, out: str) -> dict:
     from unet.data import read_sections
     from unet.export import write_export
     from unet.recipes import Recipe
+    from unet.tta import tta_level
 
     m = resolve_model(model, work_dir)
     if m.get("onnx"):
         raise ValueError(f"{model}: already an export (it has model.json); export a train stage folder or the champion")
     recipe = Recipe.from_dict(m["recipe"])
     sidecar = {"model_key": m["key"], "train_key": m["train_key"], "source": m["source"], "threshold": THRESHOLD,
-               "alignment_shift": m["shift"], "tta": _tta(recipe), "tta_scales": m["tta_scales"],
+               "alignment_shift": m["shift"], "tta": tta_level(recipe.tta), "tta_scales": m["tta_scales"],
                "training_data": _training_data(m), "val": m["val"],
                "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "versions": {"python": platform.python_version(),

@@ -69,38 +69,37 @@ def resolve_model(model: str, work_dir: str, precision: str = "fp32", backend: s
     from unet.backends import check_precision
 
     check_precision(precision, backend, auto=True)
-    found = _resolve_model(model, work_dir, "fp32" if precision == "auto" else precision)
+    found = _resolve_model(model, work_dir, "fp32")
+    export = _export_of(found) if precision != "fp32" else None  # reads model.json, hashes the checkpoint
     reason = "asked for"
     if precision == "auto":
-        precision, reason = _auto_precision(found, backend)
-    if precision == "int8" and not found.get("onnx"):
-        export = _export_of(found)
+        precision, reason = _auto_precision(export, backend)
+    if precision == "int8":
         if export is None:
             raise ValueError(f"{model}: int8 needs an export of this model, calibrated on its training frames: "
                              "python flows/export.py --model ... --out DIR, then --model DIR")
-        found = {**_exported_model(export, precision), "source": f"{found['source']} (int8: {export})"}
-    elif precision == "int8" and found["precision"] != "int8":
-        found = {**_exported_model(Path(found["export"]), precision), "source": found["source"]}
+        source = found["source"] if found.get("onnx") else f"{found['source']} (int8: {export[0]})"
+        found = {**_exported_model(export[0], precision), "source": source}
     return {**found, "precision": precision, "precision_reason": reason}
 
 
-def _export_of(found: dict) -> Path | None:
-    """The export folder of a resolved model: its own, or for a checkpoint the champion export of
-    its work directory when that holds the same weights."""
+def _export_of(found: dict) -> tuple[Path, dict] | None:
+    """The export folder of a resolved model and its model.json: its own, or for a checkpoint the
+    champion export of its work directory when that holds the same weights."""
     if found.get("export"):
-        return Path(found["export"])
+        return Path(found["export"]), json.loads((Path(found["export"]) / "model.json").read_text())
     export = Path(found["checkpoint"]).parents[2] / "champion-export"
     record = json.loads((export / "model.json").read_text()) if (export / "model.json").is_file() else {}
-    return export if record.get("sha256", {}).get("checkpoint") == file_digest(Path(found["checkpoint"])) else None
+    same = record.get("sha256", {}).get("checkpoint") == file_digest(Path(found["checkpoint"]))
+    return (export, record) if same else None
 
 
-def _auto_precision(found: dict, backend: str) -> tuple[str, str]:
-    """The precision ``auto`` means for a resolved (fp32) model, and why in a few words."""
+def _auto_precision(export: tuple[Path, dict] | None, backend: str) -> tuple[str, str]:
+    """The precision ``auto`` means for a model with ``export`` (:func:`_export_of`), and why in a
+    few words."""
     if backend != "onnxruntime":
         return "fp32", f"auto: int8 runs on onnxruntime only, not {backend}"
-    export = _export_of(found)
-    record = json.loads((export / "model.json").read_text()) if export else {}
-    check = (record.get("int8") or {}).get("check")
+    check = ((export[1] if export else {}).get("int8") or {}).get("check")
     if not check:
         return "fp32", ("auto: no checked int8 model for it (flows/export.py writes one where the model's "
                         "val frames are found)")

@@ -221,7 +221,6 @@ def predict_section(predictor: Predictor, read: RegionReader, shape: tuple[int, 
     return out
 
 
-
 def predict_array(predictor: Predictor, frame: np.ndarray, settings: Settings) -> np.ndarray:
     """Cell probabilities float32 [H, W] of one frame held in memory (uint8 [H, W], or [H, W,
     sections] with its neighbours as :func:`unet.data.read_sections` gives them): what the
@@ -232,6 +231,7 @@ def predict_array(predictor: Predictor, frame: np.ndarray, settings: Settings) -
     sections = frame.shape[-1]
     return predict_section(predictor, lambda z, y0, y1, x0, x1: frame[y0:y1, x0:x1, z], (sections, h, w),
                            sections // 2, settings)
+
 
 # ---- cell instances, tile by tile ---------------------------------------------------------------
 
