@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 from flows.command import (EXIT_USAGE, POSITIVE_FLOAT, POSITIVE_INT, SEED, _DefaultsHelp, _Parser, describe,
-                           run_command, start_temporary_server)
+                           run_command)
 from flows.full_pipeline import full_pipeline
 from flows.parameters import RECIPE_OVERRIDES, resolve_recipe, resolve_scales
+from flows.temporary_server import running_on, start_temporary_server
 from flows.watchdog import watch_for_orphans
 from tasks.report import format_console
 from unet.data_list import DEFAULT_DATA_DIR, TrainingInputs, check_combination, resolve_inputs
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         # 3 s); a stop signal during that import is raised once it is done (_importing_mindspore).
 
     def run_flow() -> dict:
-        start_temporary_server()
-        return full_pipeline(**params)
+        with running_on(start_temporary_server()):
+            return full_pipeline(**params)
 
     code, summary = run_command(args.debug, check, run_flow, "finished stages are kept and the next run reuses "
                                 "them (training resumes from its last finished epoch)")

@@ -1,25 +1,19 @@
 """What the project's command lines share (``python flows/full_pipeline.py``, ``flows/segment.py``,
-``flows/export.py``): exit codes, one-line errors, argument types, the temporary Prefect server in a
-session of its own, and SIGINT/SIGTERM/SIGHUP handling that never leaves that server behind.
+``flows/export.py``): exit codes, one-line errors, argument types, and SIGINT/SIGTERM/SIGHUP handling
+that never leaves the run's temporary Prefect server (flows/temporary_server.py) behind.
 Imports no flow: a command line that only segments does not load the training pipeline."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import functools
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-import types
-from pathlib import Path
 from typing import Callable, Iterator, NoReturn
-
-from flows.watchdog import watch_for_orphans
-from tasks.stage import _locked
 
 # Exit codes of the command line (README: "What to expect").
 EXIT_FAILED = 1        # bad input data, unwritable work directory, disk full, any failed stage
@@ -51,51 +45,6 @@ class Terminated(BaseException):
 
     def __str__(self) -> str:  # Prefect's Crashed state: "... unexpected exception: Terminated: SIGINT"
         return signal.Signals(self.signum).name
-
-
-def _server_class() -> type:
-    """Prefect's temporary server, started in a session of its own: a signal to the run's process
-    group (Ctrl-C in a terminal, a supervisor's stop) then reaches the run alone, which reports its
-    end to the server and stops it, instead of the server dying under a run still talking to it
-    (measured before: exit 1 after 149 s of "Connection refused"). Prefect starts the server with
-    ``subprocess.Popen`` in :meth:`_run_uvicorn_command`; this subclass gives that call
-    ``start_new_session=True``. Prefect's ``SubprocessASGIServer()`` returns this instance (one per
-    port, the subclass shares the base class's registry), so the flow uses it."""
-    from prefect.server.api import server as prefect_server
-
-    class OwnSessionServer(prefect_server.SubprocessASGIServer):
-        def _run_uvicorn_command(self):
-            real = prefect_server.subprocess
-            prefect_server.subprocess = types.SimpleNamespace(
-                Popen=functools.partial(real.Popen, start_new_session=True))
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                prefect_server.subprocess = real
-
-    return OwnSessionServer
-
-
-def start_temporary_server():
-    """Start Prefect's temporary server now, one process at a time per ``PREFECT_HOME``, in a
-    session of its own (:func:`_server_class`), after :func:`watch_for_orphans`.
-
-    Without ``PREFECT_API_URL`` every run starts its own server on ``$PREFECT_HOME/prefect.db``,
-    and each server's start-up migrates that database and registers Prefect's block types. Two
-    runs starting together race there (the servers log IntegrityError tracebacks; two migrations
-    of a new database can fail). Prefect keeps one temporary server per process and the flow uses
-    this one; it is stopped when the process exits (an ``atexit`` hook), or by the watchdog when the
-    process is killed. Returns the server (None when a server is configured, ``PREFECT_API_URL``)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    watch_for_orphans()
-    home = Path(PREFECT_HOME.value()).expanduser()
-    with _locked(home / ".temporary-server-start.lock"):
-        server = _server_class()()
-        server.start()
-    return server
 
 
 def describe(exc: BaseException) -> str:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from flows.command import (EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT, _DefaultsHelp, _number, _Parser, run_command,
-                           start_temporary_server)
+from flows.command import EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT, _DefaultsHelp, _number, _Parser, run_command
 from flows.segment import FORMATS, default_output, segment_volume
+from flows.temporary_server import running_on, start_temporary_server
 from unet.backends import BACKENDS, PRECISIONS, TTA_VIEWS, check_precision
 from unet.blocks import DEFAULT_BLOCK
 
@@ -116,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k != "debug"}
 
     def run_segmentation() -> dict:
-        server = start_temporary_server()
-        if server is not None and (args.workers > 1 or args.dask_address):
-            os.environ["PREFECT_API_URL"] = server.api_url  # Dask workers report to this server
-        return segment_volume(**params)
+        with running_on(start_temporary_server()):  # Dask's workers report to it too
+            return segment_volume(**params)
 
     # MindSpore, where needed, is imported by the blocks' tasks (flows.command defers a stop signal
     # that lands in that import)

@@ -86,7 +86,7 @@ def _started_here(proc: psutil.Process, me: int) -> bool:
         if "multiprocessing.resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline:
             return False  # multiprocessing's helpers of this process: they end with it
         if f"flows/watchdog.py {me} " in cmdline:
-            return False  # the watchdog of an in-process run (flows/command.py start_temporary_server): ends with pytest
+            return False  # the watchdog of an in-process run (flows/temporary_server.py start_temporary_server): ends with pytest
         if any(parent.pid == me for parent in proc.parents()):
             return True
         if proc.create_time() < SESSION["start"] or not SESSION["tmp"]:

@@ -57,6 +57,7 @@ EDITS = [
     ("flows/cli.py", set()),
     ("flows/parameters.py", set()),
     ("flows/command.py", set()),
+    ("flows/temporary_server.py", set()),
 ]
 
 
