@@ -17,6 +17,7 @@ region (:func:`unet.data.central_crops`), and val predictions are written per vo
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -48,6 +49,13 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     scales = tuple(tta_scales or (1.0,))
 
     def build(folder):
+        # the figures are drawn in a thread of their own while the scoring (which releases the GIL
+        # for most of its time) goes on; any error of theirs is raised below
+        with ThreadPoolExecutor(max_workers=1) as figures:
+            history = figures.submit(plot_history, Path(model["output"]) / model["history"], folder / "history.png")
+            return scored(folder, figures, history)
+
+    def scored(folder, figures, history):
         checkpoint = Path(model["output"]) / model["best_checkpoint"]
         predictor = load_predictor(checkpoint, config, backend=PIPELINE_BACKEND)
         train_pairs, val_pairs = dataset_pairs(datasets, "train"), dataset_pairs(datasets, "val")
@@ -79,6 +87,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
             probs += list(preds.cell_prob)
             unaligned += list(preds.unaligned_prob) if align else []
         val_masks = read_mask_frames([m for _, m in val_pairs])
+        examples = figures.submit(plot_examples, [img for img, _ in val_pairs], [m for _, m in val_pairs], probs,
+                                  folder / "val_examples.png")
         metrics["val_native"] = native_scores(probs, val_masks)
         if align:  # a zero shift leaves the predictions as they are: the same scores, not scored twice
             moved = (alignment.dy, alignment.dx) != (0, 0)
@@ -87,8 +97,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         metrics["alignment"] = {"applied": align, **alignment.to_dict()}
         metrics["tta_scales"] = list(scales)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_history(Path(model["output"]) / model["history"], folder / "history.png")
-        plot_examples([img for img, _ in val_pairs], [m for _, m in val_pairs], probs, folder / "val_examples.png")
+        history.result(), examples.result()
         for name, m in metrics.items():
             if name in ("alignment", "tta_scales"):
                 continue

@@ -14,6 +14,8 @@ centred the estimate is (0, 0) or a fraction of a pixel, and nothing changes.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import cv2
@@ -67,17 +69,22 @@ def shift(prob: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return cv2.warpAffine(prob, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
-def _mse(prob: np.ndarray, target: np.ndarray, margin: int) -> float:
-    inner = np.s_[:, margin:-margin, margin:-margin] if margin else np.s_[:]
-    return float(np.mean((prob[inner] - target[inner]) ** 2))
+def _shifted_mse(prob: np.ndarray, target: np.ndarray, dy: float, dx: float, margin: int) -> float:
+    """The mean squared error of ``prob`` [N, H, W] moved by (``dy``, ``dx``) against ``target``
+    [N, H, W] (float32 both) at least ``margin`` pixels from the borders: frame by frame, each frame
+    shifted as :func:`shift` does and compared by OpenCV in one pass (float64 sums; NumPy's
+    ``mean((a - b) ** 2)`` of the stack took 60 % longer than the shift itself)."""
+    inner = np.s_[margin:-margin, margin:-margin] if margin else np.s_[:, :]
+    total = sum(cv2.norm(shift(p, dy, dx)[inner], t[inner], cv2.NORM_L2SQR) for p, t in zip(prob, target))
+    return float(total / target[:, inner[0], inner[1]].size)
 
 
 def estimate_shift(prob: np.ndarray, target: np.ndarray, max_shift: float = 1.5, step: float = 0.25) -> Alignment:
     """The shift (each axis a multiple of ``step`` up to ``max_shift`` pixels) that minimises the mean
     squared error between ``prob`` [N, H, W] (cell probabilities) and ``target`` [N, H, W] (binary,
     1 = cell), scored away from the frame borders. Searched coarse to fine: every ``2 * step``
-    first, then the ``step`` neighbours of the best (the error is smooth in the shift); ties go to
-    the smaller shift."""
+    first, then the ``step`` neighbours of the best (the error is smooth in the shift); ties (errors
+    within a part in a million) go to the smaller shift."""
     prob = np.asarray(prob, dtype=np.float32)
     target = np.asarray(target).astype(np.float32)
     if prob.ndim != 3 or prob.shape != target.shape:
@@ -91,12 +98,19 @@ def estimate_shift(prob: np.ndarray, target: np.ndarray, max_shift: float = 1.5,
     limit = int(round(max_shift / step))  # in steps
     scores: dict[tuple[int, int], float] = {}
 
+    def error(c: tuple[int, int]) -> float:
+        return _shifted_mse(prob, target, c[0] * step, c[1] * step, margin)
+
     def best_of(candidates) -> tuple[int, int]:
-        for c in candidates:
-            if c not in scores and max(abs(c[0]), abs(c[1])) <= limit:
-                scores[c] = _mse(shift(prob, c[0] * step, c[1] * step), target, margin)
-        # the smallest error; among equal errors the smaller shift
-        return min(scores, key=lambda c: (scores[c], abs(c[0]) + abs(c[1]), c))
+        new = [c for c in dict.fromkeys(candidates) if c not in scores and max(abs(c[0]), abs(c[1])) <= limit]
+        # the candidates in threads, one per core: OpenCV releases the GIL
+        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+            scores.update(zip(new, pool.map(error, new)))
+        # the smallest error; among errors equal to a part in a million (the interpolation's rounding
+        # of a flat prediction differs by less) the smaller shift
+        best = min(scores.values())
+        ties = [c for c in scores if scores[c] <= best * (1 + 1e-6)]
+        return min(ties, key=lambda c: (abs(c[0]) + abs(c[1]), c))
 
     coarse = range(-limit, limit + 1, 2) if limit % 2 == 0 else range(-limit + 1, limit, 2)
     y, x = best_of([(0, 0)] + [(dy, dx) for dy in coarse for dx in coarse])

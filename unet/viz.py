@@ -9,22 +9,22 @@ import numpy as np
 from unet.data import read_grey
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A figure of its own, drawn to files only: Matplotlib's object API rather than pyplot, whose
+    global figure list and backend switch are process state; so figures may be drawn in a thread
+    while other work goes on (tasks/evaluate.py)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def plot_history(history_csv: Path | str, out_png: Path | str) -> Path:
     """Loss and train/val IoU per epoch, with the best val epoch marked."""
-    plt = _pyplot()
     import pandas as pd  # here: the segmentation's preview (plot_segmentation) runs without pandas
 
     h = pd.read_csv(history_csv)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = _figure((10, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(h["epoch"], h["loss"], color="tab:red")
     ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
     ax2.plot(h["epoch"], h["train_iou"], label="train IoU (training batches)")
@@ -37,16 +37,15 @@ def plot_history(history_csv: Path | str, out_png: Path | str) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return Path(out_png)
 
 
 def plot_examples(images: Sequence[Path], masks: Sequence[Path], cell_prob: np.ndarray,
                   out_png: Path | str, n: int = 3, threshold: float = 0.5) -> Path:
     """Rows of frame / ground truth / prediction / errors (red: missed membrane, blue: extra)."""
-    plt = _pyplot()
     n = min(n, len(images))
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
+    fig = _figure((12, 3 * n))
+    axes = fig.subplots(n, 4, squeeze=False)
     for row in range(n):
         frame = read_grey(images[row])
         truth = read_grey(masks[row]) > 127
@@ -56,7 +55,7 @@ def plot_examples(images: Sequence[Path], masks: Sequence[Path], cell_prob: np.n
         errors[~truth & pred] = (1.0, 0.2, 0.2)   # predicted cell where there is membrane: missed
         _show_row(axes[row], (frame, truth, pred, errors),
                   (Path(images[row]).name, "ground truth", "prediction", "errors"))
-    return _save(plt, fig, out_png)
+    return _save(fig, out_png)
 
 
 def _show_row(axes, panels: Sequence[np.ndarray], titles: Sequence[str]) -> None:
@@ -67,10 +66,9 @@ def _show_row(axes, panels: Sequence[np.ndarray], titles: Sequence[str]) -> None
         ax.axis("off")
 
 
-def _save(plt, fig, out_png: Path | str) -> Path:
+def _save(fig, out_png: Path | str) -> Path:
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
-    plt.close(fig)
     return Path(out_png)
 
 
@@ -81,10 +79,10 @@ def plot_predictions(images: Sequence[Path], cell_prob: np.ndarray, out_png: Pat
     ground truth, such as the test set."""
     from unet.segment import segment_cells
 
-    plt = _pyplot()
     n = min(n, len(images))
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    fig = _figure((9, 3 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
     for row in range(n):
         cells = segment_cells(cell_prob[row], threshold, fill_membrane=True)
         colours = rng.uniform(0.25, 1.0, size=(int(cells.max()) + 1, 3))
@@ -92,7 +90,7 @@ def plot_predictions(images: Sequence[Path], cell_prob: np.ndarray, out_png: Pat
         panels = (read_grey(images[row]), cell_prob[row], colours[cells])
         titles = (Path(images[row]).name, "cell probability", f"{int(cells.max())} cells (threshold {threshold})")
         _show_row(axes[row], panels, titles)
-    return _save(plt, fig, out_png)
+    return _save(fig, out_png)
 
 
 def plot_segmentation(frames: Sequence[np.ndarray], cell_probs: Sequence[np.ndarray], cells: Sequence[np.ndarray],
@@ -100,9 +98,9 @@ def plot_segmentation(frames: Sequence[np.ndarray], cell_probs: Sequence[np.ndar
     """Rows of section / cell probability / cell instances over the section (random colours, the
     membrane dark): the segmentation flow's preview, from sections already subsampled to a
     viewable size. ``cell_counts``: the sections' cell counts (default: the ids shown)."""
-    plt = _pyplot()
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(len(frames), 3, figsize=(10, 3.3 * len(frames)), squeeze=False)
+    fig = _figure((10, 3.3 * len(frames)))
+    axes = fig.subplots(len(frames), 3, squeeze=False)
     for row, (frame, prob, labels, title) in enumerate(zip(frames, cell_probs, cells, titles)):
         labels = np.asarray(labels)
         ids, inverse = np.unique(labels, return_inverse=True)  # colours for the ids shown only
@@ -112,4 +110,4 @@ def plot_segmentation(frames: Sequence[np.ndarray], cell_probs: Sequence[np.ndar
         blend = 0.55 * colours[inverse.reshape(labels.shape)] + 0.45 * grey
         count = cell_counts[row] if cell_counts is not None else int((ids > 0).sum())
         _show_row(axes[row], (frame, np.asarray(prob), blend), (title, "cell probability", f"{count} cells"))
-    return _save(plt, fig, out_png)
+    return _save(fig, out_png)
