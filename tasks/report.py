@@ -11,6 +11,7 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from unet.align import Alignment
+from unet.export import INT8_FILE
 
 CASE_PUBLISHED = {  # the MindSpore case's table (cell class, per-image means at 224x224)
     "train": {"acc": 0.90, "iou": 0.88, "dice": 0.94, "sens": 0.94, "spec": 0.76},
@@ -193,6 +194,8 @@ def format_console(summary: dict) -> str:
     if out.get("test_examples"):
         lines.append(f"test examples     {out['test_examples']}")
     if out.get("champion_export"):
-        lines.append(f"champion export   {out['champion_export']} (ONNX, MindIR, model.json)")
+        int8 = (Path(out["champion_export"]) / INT8_FILE).is_file()
+        lines.append(f"champion export   {out['champion_export']} (ONNX{' fp32 and int8' if int8 else ''}, MindIR, "
+                     f"model.json)")
     lines.append("segment new data  make segment ARGS=\"path/to/stack.tif\" (python flows/segment.py --help)")
     return "\n".join(lines)
