@@ -4,8 +4,8 @@ its champion's to <work>/champion-export), the val scores the evaluate stage rep
 model's alignment) and the seconds per section through the block engine, for each TTA level x
 backend x precision:
 
-- ``none`` (1 pass), ``flips`` (4), ``d4`` (8 flips/rotations), ``d4+scales`` (8 x the model's
-  test-time scales; left out when the model has none but 1.0);
+- ``none`` (1 pass), ``flips`` (4), ``d4`` (8 flips/rotations), ``flips+scales`` and ``d4+scales``
+  (4 or 8 x the model's test-time scales; left out when the model has none but 1.0);
 - ONNX Runtime fp32 and int8 (the export's), and MindSpore fp32 with ``--mindspore`` (slow: the
   training framework, capped at AVX2 here).
 
@@ -33,6 +33,7 @@ def levels_of(record: dict) -> dict[str, tuple[str, tuple[float, ...]]]:
     scales = tuple(record["tta_scales"])
     levels = {name: (name, (1.0,)) for name in PASSES}
     if scales != (1.0,):
+        levels["flips+scales"] = ("flips", scales)
         levels["d4+scales"] = ("d4", scales)
     return levels
 
