@@ -50,7 +50,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
 
     def build(folder):
         # the figures are drawn in a thread of their own while the scoring (which releases the GIL
-        # for most of its time) goes on; any error of theirs is raised below
+        # for most of its time) goes on
         with ThreadPoolExecutor(max_workers=1) as figures:
             history = figures.submit(plot_history, Path(model["output"]) / model["history"], folder / "history.png")
             return scored(folder, figures, history)
@@ -97,7 +97,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         metrics["alignment"] = {"applied": align, **alignment.to_dict()}
         metrics["tta_scales"] = list(scales)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        history.result(), examples.result()
+        history.result()  # both figures drawn (an error of theirs is raised here)
+        examples.result()
         for name, m in metrics.items():
             if name in ("alignment", "tta_scales"):
                 continue
