@@ -72,11 +72,16 @@ def shift(prob: np.ndarray, dy: float, dx: float) -> np.ndarray:
 def _shifted_mse(prob: np.ndarray, target: np.ndarray, dy: float, dx: float, margin: int) -> float:
     """The mean squared error of ``prob`` [N, H, W] moved by (``dy``, ``dx``) against ``target``
     [N, H, W] (float32 both) at least ``margin`` pixels from the borders: frame by frame, each frame
-    shifted as :func:`shift` does and compared by OpenCV in one pass (float64 sums; NumPy's
-    ``mean((a - b) ** 2)`` of the stack took 60 % longer than the shift itself)."""
+    shifted as :func:`shift` does, the squares summed in float64 by NumPy. Not OpenCV's
+    ``cv2.norm``: its sum depends on the arrays' memory alignment (two results an ulp apart for the
+    same pixels), and the same run must give the same numbers whatever its process did before."""
     inner = np.s_[margin:-margin, margin:-margin] if margin else np.s_[:, :]
-    total = sum(cv2.norm(shift(p, dy, dx)[inner], t[inner], cv2.NORM_L2SQR) for p, t in zip(prob, target))
-    return float(total / target[:, inner[0], inner[1]].size)
+    total = 0.0
+    for p, t in zip(prob, target):
+        d = np.subtract(shift(p, dy, dx)[inner], t[inner])
+        np.square(d, out=d)
+        total += float(d.sum(dtype=np.float64))
+    return total / target[:, inner[0], inner[1]].size
 
 
 def estimate_shift(prob: np.ndarray, target: np.ndarray, max_shift: float = 1.5, step: float = 0.25) -> Alignment:
