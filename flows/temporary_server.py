@@ -118,9 +118,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through http_proxy
+
+
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with _DIRECT.open(url, timeout=2) as response:
             return response.status == 200
     except (OSError, urllib.error.URLError):
         return False
@@ -209,7 +212,8 @@ def start_temporary_server() -> TemporaryServer | None:
 def running_on(server: TemporaryServer | None) -> Iterator[None]:
     """Flows run inside this against ``server`` (nothing changes for None: a configured server).
     ``PREFECT_API_URL`` names it, for this process (Prefect's settings) and for the processes it
-    starts (Dask's workers report their task runs to it), until the block ends; no UI address (the
+    starts (Dask's workers report their task runs to it), until the block ends, and ``NO_PROXY``
+    names 127.0.0.1 (a cluster's ``http_proxy`` would otherwise carry the run's own API calls); no UI address (the
     server serves none, and its "View at" links would be dead once the run ends). No flow-run
     heartbeats: they let a server mark a run Crashed when its process dies without a word, but this
     server dies with the process; and joining their thread costs up to 1 s at the end of each run
@@ -219,14 +223,20 @@ def running_on(server: TemporaryServer | None) -> Iterator[None]:
         return
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
-    before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
+    # the server is on this host: Prefect's clients (httpx, which honours http_proxy / HTTP_PROXY)
+    # must reach it directly, not through a proxy a cluster's environment may set
+    variables = {"PREFECT_API_URL": server.api_url,
+                 **{name: ",".join(filter(None, [os.environ.get(name, ""), "127.0.0.1"]))
+                    for name in ("NO_PROXY", "no_proxy")}}
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_UI_URL: "",
                                  PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
     finally:
-        if before is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

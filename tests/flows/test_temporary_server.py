@@ -30,7 +30,7 @@ def _stopped(server) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tmp_path):
+def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tmp_path, monkeypatch):
     from prefect import flow
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL,
@@ -38,6 +38,10 @@ def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tm
 
     home = tmp_path / "home"
     database = home / "prefect.db"
+    # a cluster's proxy (here one that refuses every connection) must not carry the run's calls to
+    # its own server
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
 
     @flow
     def tiny(x: int) -> int:
@@ -66,9 +70,9 @@ def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tm
                 assert tiny(41) == 42
                 APILogWorker.drain_all(timeout=10)  # its logs reach the server before it stops (at exit: Prefect's drain)
             assert os.environ.get("PREFECT_API_URL") == url and PREFECT_API_URL.value() is None
-            runs = httpx.post(f"{second.api_url}/flow_runs/filter", json={}).json()
+            runs = httpx.post(f"{second.api_url}/flow_runs/filter", json={}, trust_env=False).json()
             assert [r["state"]["type"] for r in runs] == ["COMPLETED"]
-            logs = httpx.post(f"{second.api_url}/logs/filter", json={}).json()
+            logs = httpx.post(f"{second.api_url}/logs/filter", json={}, trust_env=False).json()
             assert any("Finished in state Completed" in log["message"] for log in logs)
         finally:
             _stopped(second)
