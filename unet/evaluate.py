@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from unet.data import read_grey
-from unet.metrics import (CASE_METRICS, CaseScores, ConfusionCounts, case_scores, confusion_counts,
-                          confusion_scores, segmentation_scores)
-from unet.segment import filled_segmentation_scores
+from unet.metrics import (CASE_METRICS, CaseScores, ConfusionCounts, best_over_thresholds, case_scores,
+                          confusion_counts, confusion_scores)
+from unet.segment import plain_and_filled_scores
 
 
 def read_masks(paths: Sequence[Path | str]) -> np.ndarray:
@@ -53,27 +53,26 @@ def _frames(name: str, frames: np.ndarray | Sequence[np.ndarray]) -> list[np.nda
     return out
 
 
-def _mean_over_frames(score: Callable[[np.ndarray, np.ndarray], dict[str, Any]], probs: list[np.ndarray],
-                      masks: list[np.ndarray]) -> dict[str, Any]:
-    """``score`` (:func:`unet.metrics.segmentation_scores` or the filled version: frame means per
-    threshold, the best threshold) of frames of any sizes: frames of one size are scored as one stack,
-    as ever; otherwise each size's stack, and the per-threshold means are combined weighted by the
-    number of frames (the mean over all frames) before the best threshold is picked (ties: the first)."""
+def _mean_over_frames(score: Callable[[np.ndarray, np.ndarray], Sequence[dict[str, Any]]], probs: list[np.ndarray],
+                      masks: list[np.ndarray]) -> list[dict[str, Any]]:
+    """``score`` (:func:`unet.segment.plain_and_filled_scores`: for each segmentation, frame means per
+    threshold and the best threshold) of frames of any sizes: frames of one size are scored as one
+    stack, as ever; otherwise each size's stack, and the per-threshold means are combined weighted by
+    the number of frames (the mean over all frames) before the best threshold is picked (ties: the first)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(probs):
         groups.setdefault(p.shape, []).append(i)
     if len(groups) == 1:
-        return score(np.stack(probs), np.stack(masks))
+        return list(score(np.stack(probs), np.stack(masks)))
     parts = [(len(ix), score(np.stack([probs[i] for i in ix]), np.stack([masks[i] for i in ix])))
              for ix in groups.values()]
-    thresholds = list(parts[0][1]["per_threshold"])
-    per_threshold = {t: {k: sum(n * part["per_threshold"][t][k] for n, part in parts) / len(probs)
-                         for k in ("v_rand", "v_info")} for t in thresholds}
-    best_rand = max(thresholds, key=lambda t: per_threshold[t]["v_rand"])
-    best_info = max(thresholds, key=lambda t: per_threshold[t]["v_info"])
-    return {"v_rand": per_threshold[best_rand]["v_rand"], "v_rand_threshold": best_rand,
-            "v_info": per_threshold[best_info]["v_info"], "v_info_threshold": best_info,
-            "per_threshold": per_threshold}
+    combined = []
+    for k in range(len(parts[0][1])):
+        thresholds = list(parts[0][1][k]["per_threshold"])
+        combined.append(best_over_thresholds(
+            {t: {m: sum(n * part[k]["per_threshold"][t][m] for n, part in parts) / len(probs)
+                 for m in ("v_rand", "v_info")} for t in thresholds}))
+    return combined
 
 
 def native_scores(cell_prob: np.ndarray | Sequence[np.ndarray], target: np.ndarray | Sequence[np.ndarray],
@@ -99,9 +98,8 @@ def native_scores(cell_prob: np.ndarray | Sequence[np.ndarray], target: np.ndarr
     counts = sum((confusion_counts(p, t) for p, t in zip(pred, masks)), ConfusionCounts())
     dataset_level = confusion_scores(counts)
     out.update({k: v for k, v in dataset_level.items() if k != "acc"})
-    seg = _mean_over_frames(segmentation_scores, probs, masks)
+    seg, filled = _mean_over_frames(plain_and_filled_scores, probs, masks)  # one pass for both
     out.update({k: float(seg[k]) for k in ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")})
-    filled = _mean_over_frames(filled_segmentation_scores, probs, masks)
     out.update({"v_rand_filled": filled["v_rand"], "v_rand_filled_threshold": filled["v_rand_threshold"],
                 "v_info_filled": filled["v_info"], "v_info_filled_threshold": filled["v_info_threshold"]})
     return out

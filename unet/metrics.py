@@ -23,7 +23,9 @@ __all__ = [
     "case_scores",
     "confusion_counts",
     "confusion_scores",
+    "best_over_thresholds",
     "segmentation_scores",
+    "segmentation_sweep",
     "v_info",
     "v_rand",
 ]
@@ -456,6 +458,24 @@ def segmentation_scores(
         ``{"v_rand", "v_rand_threshold", "v_info", "v_info_threshold", "per_threshold"}``, where
         ``per_threshold`` maps each threshold to ``{"v_rand": mean, "v_info": mean}``.
     """
+    if segment is None:
+        def segment(frame: np.ndarray, t: float) -> np.ndarray:
+            return label(frame >= t, connectivity=1)
+    return segmentation_sweep(cell_prob, target, thresholds, lambda frame, t: (segment(frame, t),))[0]
+
+
+def segmentation_sweep(
+    cell_prob: np.ndarray,
+    target: np.ndarray,
+    thresholds: Sequence[float],
+    segmentations: Callable[[np.ndarray, float], Sequence[np.ndarray]],
+) -> list[dict[str, Any]]:
+    """:func:`segmentation_scores` of several segmentations in one pass: ``segmentations(frame, t)``
+    returns the label images of one frame at threshold ``t`` (several segmentations made from the
+    same components label them once: :func:`unet.segment.plain_and_filled_scores`); one result per
+    segmentation, in its order, each as :func:`segmentation_scores` returns it. The thresholds run
+    in threads, one per core (labelling, the filled segmentation's distance transform and the
+    overlap tables release the GIL: 2.1x on 2 cores); the same numbers."""
     prob = _probabilities("cell_prob", cell_prob)
     mask = _binary("target", target)
     _same_shape(("cell_prob", "target"), prob, mask)
@@ -463,24 +483,31 @@ def segmentation_scores(
         prob, mask = prob[None], mask[None]
     if prob.ndim != 3:
         raise ValueError(f"cell_prob and target must have shape [N, H, W] or [H, W], got {prob.shape}")
+    if len(prob) == 0:
+        raise ValueError("cell_prob and target have no frames")
     ts = _check_thresholds(thresholds)
-    if segment is None:
-        def segment(frame: np.ndarray, t: float) -> np.ndarray:
-            return label(frame >= t, connectivity=1)
     gts = [label(m, connectivity=1) for m in mask]
 
-    def means(t: float) -> dict[str, float]:
-        preds = [segment(p, t) for p in prob]
-        tables = [_overlap(g, s) for g, s in zip(gts, preds)]  # one table per frame for both scores
-        return {"v_rand": float(np.mean([_rand_of(table) for table in tables])),
-                "v_info": float(np.mean([_info_of(table) for table in tables]))}
+    def means(t: float) -> list[dict[str, float]]:
+        tables: list[list[_Overlap]] = []  # per segmentation, one table per frame for both scores
+        for p, g in zip(prob, gts):
+            for k, labels in enumerate(segmentations(p, t)):
+                if k == len(tables):
+                    tables.append([])
+                tables[k].append(_overlap(g, labels))
+        return [{"v_rand": float(np.mean([_rand_of(table) for table in frames])),
+                 "v_info": float(np.mean([_info_of(table) for table in frames]))} for frames in tables]
 
-    # the thresholds in threads, one per core: labelling, the distance transform of the filled
-    # segmentation and the overlap tables release the GIL (2.1x on 2 cores); the same numbers
     with ThreadPoolExecutor(max_workers=min(len(ts), len(os.sched_getaffinity(0)))) as pool:
-        per_threshold = dict(zip(ts, pool.map(means, ts)))
-    best_rand = max(ts, key=lambda t: per_threshold[t]["v_rand"])
-    best_info = max(ts, key=lambda t: per_threshold[t]["v_info"])
+        by_threshold = dict(zip(ts, pool.map(means, ts)))
+    return [best_over_thresholds({t: by_threshold[t][k] for t in ts}) for k in range(len(by_threshold[ts[0]]))]
+
+
+def best_over_thresholds(per_threshold: dict[float, dict[str, float]]) -> dict[str, Any]:
+    """The best V_rand and V_info of ``per_threshold`` (threshold -> frame means) with their
+    thresholds (ties: the first threshold in its order), and ``per_threshold`` itself."""
+    best_rand = max(per_threshold, key=lambda t: per_threshold[t]["v_rand"])
+    best_info = max(per_threshold, key=lambda t: per_threshold[t]["v_info"])
     return {
         "v_rand": per_threshold[best_rand]["v_rand"],
         "v_rand_threshold": best_rand,

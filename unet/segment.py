@@ -20,25 +20,31 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 from skimage.measure import label
 
-from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores
+from unet.metrics import DEFAULT_THRESHOLDS, segmentation_scores, segmentation_sweep
 
-__all__ = ["filled_segmentation_scores", "segment_cells"]
+__all__ = ["filled", "filled_segmentation_scores", "plain_and_filled_scores", "segment_cells"]
 
 
 def segment_cells(cell_prob: np.ndarray, threshold: float, fill_membrane: bool = False) -> np.ndarray:
     """Cell instances of one frame ``[H, W]``: the 4-connected components of
     ``cell_prob >= threshold`` (labels 1..n, 0 = membrane); with ``fill_membrane`` grown until every
-    pixel belongs to a component. A frame with no component stays all 0."""
+    pixel belongs to a component (:func:`filled`). A frame with no component stays all 0."""
     prob = np.asarray(cell_prob)
     if prob.ndim != 2:
         raise ValueError(f"cell_prob must be one frame [H, W], got shape {prob.shape}")
     labels = label(prob >= threshold, connectivity=1)
-    if fill_membrane and labels.max() > 0:
-        # every pixel takes its nearest component's label: expand_labels(labels, distance=H+W) without
-        # the distances it would only compare with that bound (a third of its time; same pixels)
-        nearest = distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
-        labels = labels[tuple(nearest)]
-    return labels
+    return filled(labels) if fill_membrane else labels
+
+
+def filled(labels: np.ndarray) -> np.ndarray:
+    """``labels`` (components, 0 = membrane) with every 0 pixel given its nearest component's label;
+    all 0 stays all 0."""
+    if labels.max() == 0:
+        return labels
+    # expand_labels(labels, distance=H+W) without the distances it would only compare with that
+    # bound (a third of its time; same pixels)
+    nearest = distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
+    return labels[tuple(nearest)]
 
 
 def filled_segmentation_scores(
@@ -51,3 +57,19 @@ def filled_segmentation_scores(
     with that segmentation."""
     return segmentation_scores(cell_prob, target, thresholds,
                                segment=lambda frame, t: segment_cells(frame, t, fill_membrane=True))
+
+
+def plain_and_filled_scores(
+    cell_prob: np.ndarray,
+    target: np.ndarray,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`unet.metrics.segmentation_scores` and :func:`filled_segmentation_scores` of the same
+    frames in one pass: each frame's components at each threshold are labelled once and scored as
+    they are and filled (the evaluate stage's two sweeps; the same numbers as the two calls)."""
+    def both(frame: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        components = label(frame >= t, connectivity=1)
+        return components, filled(components)
+
+    plain, grown = segmentation_sweep(cell_prob, target, thresholds, both)
+    return plain, grown

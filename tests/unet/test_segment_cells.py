@@ -84,3 +84,20 @@ def test_filling_equals_scikit_images_expand_labels_on_real_frames(isbi_dir):
             filled = segment_cells(frame, t, fill_membrane=True)
             assert plain.max() > 10 and filled.min() > 0
             np.testing.assert_array_equal(filled, expand_labels(plain, distance=float(sum(frame.shape))))
+
+
+def test_one_pass_gives_the_two_sweeps_numbers_exactly(isbi_dir):
+    # the evaluate stage scores both segmentations in one pass (components labelled once per frame
+    # and threshold): the same dicts as the two separate sweeps, on real labels made soft
+    import cv2
+
+    from unet.segment import plain_and_filled_scores
+
+    target = (tifffile.imread(isbi_dir / "train-labels.tif")[:4] > 127).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    prob = np.stack([np.clip(cv2.GaussianBlur(t.astype(np.float32), (0, 0), 2.0)
+                             + rng.normal(0, 0.1, t.shape).astype(np.float32), 0, 1) for t in target])
+    plain, filled = plain_and_filled_scores(prob, target)
+    assert plain == segmentation_scores(prob, target)
+    assert filled == filled_segmentation_scores(prob, target)
+    assert filled["v_rand"] != plain["v_rand"]  # two different segmentations were scored
