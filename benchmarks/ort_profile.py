@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import common
 
@@ -47,7 +48,7 @@ def main() -> None:
         for _ in range(args.repeats):
             session.run(["prob"], {"x": x})
         seconds = (time.perf_counter() - t0) / args.repeats
-        events = json.loads(open(session.end_profiling()).read())
+        events = json.loads(Path(session.end_profiling()).read_text())
     passes = args.repeats + 2
     by_op, count = collections.Counter(), collections.Counter()
     for event in events:

@@ -86,10 +86,12 @@ def resolve_model(model: str, work_dir: str, precision: str = "fp32", backend: s
 def _export_of(found: dict) -> tuple[Path, dict] | None:
     """The export folder of a resolved model and its model.json: its own, or for a checkpoint the
     champion export of its work directory when that holds the same weights."""
+    from unet.export import SIDECAR
+
     if found.get("export"):
-        return Path(found["export"]), json.loads((Path(found["export"]) / "model.json").read_text())
+        return Path(found["export"]), json.loads((Path(found["export"]) / SIDECAR).read_text())
     export = Path(found["checkpoint"]).parents[2] / "champion-export"
-    record = json.loads((export / "model.json").read_text()) if (export / "model.json").is_file() else {}
+    record = json.loads((export / SIDECAR).read_text()) if (export / SIDECAR).is_file() else {}
     same = record.get("sha256", {}).get("checkpoint") == file_digest(Path(found["checkpoint"]))
     return (export, record) if same else None
 
