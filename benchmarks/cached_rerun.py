@@ -8,11 +8,13 @@ first (untimed-phase) run computes a new smoke work dir: its wall time is printe
     .venv/bin/python benchmarks/cached_rerun.py --work-dir /work/runs/smoke   # reuse a computed work dir
 
 Each timed run is the real command line (``flows.cli``) in a fresh process whose phases are timed
-from inside (the script runs itself as that process, ``--child``): interpreter start and imports;
-the input checks and ``import mindspore`` before the flow; the temporary server's start; the flow
-run, split into the stages' task calls and the rest (flow-run bookkeeping: creating the run,
-its logs, artifacts, the final state); and exit (the temporary server's stop). The import split is
-``python -X importtime`` of the same imports. A first run in each mode (not timed) computes or
+from inside (the script runs itself as that process, ``--child``): interpreter start and the command
+line's imports (light: ``flows.cli``); the checks, during which the temporary server is launched and
+the flow's modules import (``checks_and_imports``); the wait for the server to answer after them
+(``server_wait``); the flow run, split into the stages' task calls and the rest (flow-run
+bookkeeping: creating the run, its logs, artifacts, the final state); and exit (the temporary
+server's stop). ``server_start`` is the server's own start, launch to answer, which overlaps the
+checks. The import split is ``python -X importtime`` of the flow's imports. A first run in each mode (not timed) computes or
 reuses the stages and migrates the fresh Prefect database.
 """
 from __future__ import annotations
@@ -40,37 +42,52 @@ def child(argv: list[str], phases_file: str) -> int:
     """The pipeline's command line with its phases timed; the times go to ``phases_file``."""
     marks = {"start": time.perf_counter()}
     import flows.cli as cli
-    import flows.full_pipeline as pipeline
+    import flows.temporary_server as temporary
     marks["imported"] = time.perf_counter()
     spans: dict[str, float] = {}
 
-    def timed(module, name: str, label: str) -> None:
-        real = getattr(module, name, None)
-        if real is None:
-            return
+    def timed(owner, name: str, label: str) -> None:
+        real = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
+            marks.setdefault(f"{label}_start", t0)
             try:
                 return real(*args, **kwargs)
             finally:
                 spans[label] = spans.get(label, 0.0) + time.perf_counter() - t0
                 marks.setdefault(f"{label}_end", time.perf_counter())
-        setattr(module, name, wrapper)
+        setattr(owner, name, wrapper)
 
-    timed(cli, "start_temporary_server", "server_start")
-    timed(cli, "full_pipeline", "flow")
-    for name in FLOW_TASKS:
-        timed(pipeline, name, "tasks")
+    # the flow's module is imported by the checks (while the server starts): its functions are
+    # timed once the checks are done, before the run
+    real_run_command = cli.run_command
+
+    def run_command(debug, check, run, kept):
+        def timed_run():
+            marks["checked"] = time.perf_counter()
+            import flows.full_pipeline as pipeline
+            timed(pipeline, "full_pipeline", "flow")
+            for name in FLOW_TASKS:
+                timed(pipeline, name, "tasks")
+            return run()
+        return real_run_command(debug, check, timed_run, kept)
+
+    cli.run_command = run_command
+    timed(temporary.TemporaryServer, "launch", "launch")
+    timed(temporary.ServerStart, "ready", "server_wait")  # launched during the checks
+    timed(temporary, "start_temporary_server", "server_wait")  # launched after them (a database to migrate)
     code = cli.main(argv)
     marks["end"] = time.perf_counter()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as flows.cli.run
-    before_flow = marks.get("server_start_end", marks["end"]) - spans.get("server_start", 0.0) - marks["imported"]
+    launched = marks.get("launch_start")
     Path(phases_file).write_text(json.dumps({
-        "code": code, "imports": marks["imported"] - marks["start"], "checks_and_mindspore": before_flow,
-        "server_start": spans.get("server_start", 0.0), "flow": spans.get("flow", 0.0),
-        "flow_tasks": spans.get("tasks", 0.0), "in_process": marks["end"] - marks["start"],
-        "in_process_start": marks["start"]}))
+        "code": code, "imports": marks["imported"] - marks["start"],
+        "checks_and_imports": marks.get("checked", marks["end"]) - marks["imported"],
+        "server_wait": spans.get("server_wait", 0.0),
+        "server_start": 0.0 if launched is None else marks["server_wait_end"] - launched,
+        "flow": spans.get("flow", 0.0), "flow_tasks": spans.get("tasks", 0.0),
+        "in_process": marks["end"] - marks["start"], "in_process_start": marks["start"]}))
     return code
 
 
@@ -106,9 +123,10 @@ def measure(cmd: list[str], env: dict, repeats: int, phases_file: Path) -> dict:
 
 
 def import_split() -> dict:
-    """Cumulative import seconds of the heaviest packages behind ``import flows.cli``
+    """Cumulative import seconds of the heaviest packages behind ``import flows.cli, flows.full_pipeline``
     (``python -X importtime``), and of ``import mindspore`` alone."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.cli"], cwd=common.REPO,
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.cli, flows.full_pipeline"],
+                          cwd=common.REPO,
                           capture_output=True, text=True)
     cumulative = {}
     for line in done.stderr.splitlines():
@@ -127,7 +145,7 @@ def import_split() -> dict:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     bare = time.perf_counter() - t0
-    return {"flows_cli_heaviest_s": {k: round(v, 2) for k, v in heavy.items()},
+    return {"flow_imports_heaviest_s": {k: round(v, 2) for k, v in heavy.items()},
             "python_startup_s": round(bare, 2), "import_mindspore_process_s": round(mindspore_s, 2)}
 
 
@@ -168,8 +186,8 @@ def main() -> None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
     imports = import_split()
-    rows = ("wall", "startup_and_exit", "imports", "checks_and_mindspore", "server_start", "flow", "flow_tasks",
-            "flow_bookkeeping")
+    rows = ("wall", "startup_and_exit", "imports", "checks_and_imports", "server_wait", "flow", "flow_tasks",
+            "flow_bookkeeping", "server_start")
     print(f"all-cached smoke rerun as a process, median of {args.repeats} (seconds)")
     print("| phase | running server | ephemeral |")
     print("|---|---|---|")

@@ -3,6 +3,11 @@ before anything starts, one-line errors, exit codes, and SIGINT/SIGTERM/SIGHUP h
 leaves the temporary Prefect server behind (:mod:`flows.command`, shared with the segmentation's
 command line); a watchdog (flows/watchdog.py) stops what the run started even after a SIGKILL. The
 flow itself is :func:`flows.full_pipeline.full_pipeline`.
+
+What a run does before its flow, in order: the arguments; the paths and the work directory; then
+Prefect's temporary server is launched (when the database needs no migration) and starts while the
+frames are checked and the flow's modules import (:func:`main`); a failed check stops it again.
+This module imports nothing heavy itself: ``--help`` and a usage error answer at once.
 """
 from __future__ import annotations
 
@@ -15,17 +20,12 @@ import tempfile
 from pathlib import Path
 
 from flows.command import (EXIT_USAGE, POSITIVE_FLOAT, POSITIVE_INT, SEED, _DefaultsHelp, _Parser, describe,
-                           run_command)
-from flows.full_pipeline import full_pipeline
+                           prefect_defaults, run_command)
 from flows.parameters import RECIPE_OVERRIDES, resolve_recipe, resolve_scales
-from flows.temporary_server import running_on, start_temporary_server
 from flows.watchdog import watch_for_orphans
-from tasks.report import format_console
 from unet.data_list import DEFAULT_DATA_DIR, TrainingInputs, check_combination, resolve_inputs
-from unet.frames import read_image_volume, read_pair, volume_prefix
 from unet.labels import DEFAULT_MEMBRANE_WIDTH, KINDS, check_membrane_width
 from unet.recipes import PRESETS
-from unet.split import assign_by_volume
 
 
 def check_inputs(inputs: TrainingInputs, recipe: dict, split: str = "every_third", split_seed: int = 0,
@@ -34,6 +34,9 @@ def check_inputs(inputs: TrainingInputs, recipe: dict, split: str = "every_third
     stages will, before anything starts: a bad file fails in a second with one line naming it,
     instead of after the temporary server's start-up, and nothing is written. Returns frame counts
     and shapes."""
+    from unet.frames import read_image_volume, read_pair, volume_prefix
+    from unet.split import assign_by_volume
+
     notes = [logging.getLogger(name) for name in ("unet.frames", "unet.volume_io")]
     levels = [logger.level for logger in notes]
     for logger in notes:
@@ -174,20 +177,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe(exc)} (see --help)", file=sys.stderr)
         return EXIT_USAGE
 
+    starting = []  # the temporary server, launched once the input paths are checked
+
     def check() -> None:
-        check_inputs(resolve_inputs(**data_args), recipe, args.split, args.split_seed, args.membrane_width)
-        check_work_dir(args.work_dir)
+        prefect_defaults()
+        from flows.temporary_server import begin_temporary_server
+
+        inputs = resolve_inputs(**data_args)
+        # the server's start (seconds) overlaps what is left: reading the stacks, importing the flow
+        starting.extend(filter(None, [begin_temporary_server(migrated_only=True)]))
+        check_inputs(inputs, recipe, args.split, args.split_seed, args.membrane_width)
+        check_work_dir(args.work_dir)  # created only for inputs that passed
+        import flows.full_pipeline  # noqa: F401  (Prefect's flow machinery and the tasks)
         # MindSpore is imported by the stages that compute (a cached rerun never loads it, about
         # 3 s); a stop signal during that import is raised once it is done (_importing_mindspore).
 
     def run_flow() -> dict:
-        with running_on(start_temporary_server()):
+        from flows.full_pipeline import full_pipeline
+        from flows.temporary_server import running_on, start_temporary_server
+
+        with running_on(starting[0].ready() if starting else start_temporary_server()):
             return full_pipeline(**params)
 
     code, summary = run_command(args.debug, check, run_flow, "finished stages are kept and the next run reuses "
                                 "them (training resumes from its last finished epoch)")
-    if code == 0:
-        print(format_console(summary))
+    if code != 0:
+        for start in starting:
+            start.cancel()  # a failed check, or the flow's end: stopped now rather than at exit
+        return code
+    from tasks.report import format_console
+
+    print(format_console(summary))
     return code
 
 

@@ -202,6 +202,15 @@ def _signals_raise() -> Iterator[_Signals]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def prefect_defaults() -> None:
+    """The environment every entry point sets before Prefect is imported (a user's own values win):
+    no telemetry (offline machines), 120 s for the temporary server's start (a first start migrates
+    a new database), and the ``unet`` library's log lines in the run's logs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")
+
+
 def run_command(debug: bool, check: Callable[[], object], run: Callable[[], object], kept: str) -> tuple[int, object]:
     """The shape every command line shares: ``check()`` (arguments, inputs, output folder) while a
     stop signal ends the process at once (nothing has started), then ``run()`` (which starts the

@@ -12,19 +12,22 @@ nothing changed reports every stage Cached and takes seconds. Run ``python flows
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # before any thread starts: a Ctrl-C stays SIGINT under MindSpore (flows/sigint.py)
+if __name__ == "__main__":
     from flows.sigint import forward_sigint
 
-    forward_sigint()
+    forward_sigint()  # before any thread starts: a Ctrl-C stays SIGINT under MindSpore (flows/sigint.py)
+    from flows.cli import run
 
-# Offline machines: no telemetry; a first start of the temporary server migrates a new database.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")
+    # the command line (flows/cli.py) checks the arguments and the paths, launches Prefect's
+    # temporary server, and imports this module's flow while the server starts
+    sys.exit(run())
+
+from flows.command import prefect_defaults  # noqa: E402
+
+prefect_defaults()
 
 from prefect import flow, get_run_logger, runtime  # noqa: E402
 
@@ -122,8 +125,3 @@ def full_pipeline(data_dir: str | None = None, work_dir: str = "artifacts", pres
     publish_artifacts(summary)
     return summary
 
-
-if __name__ == "__main__":
-    from flows.cli import run
-
-    sys.exit(run())

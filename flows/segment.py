@@ -21,9 +21,9 @@ if __name__ == "__main__":  # before any thread starts: a Ctrl-C stays SIGINT un
 
     forward_sigint()
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unet")
+from flows.command import prefect_defaults  # noqa: E402
+
+prefect_defaults()
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # Dask workers: no start/stop chatter
 
 from prefect import flow, get_run_logger  # noqa: E402

@@ -7,8 +7,11 @@ the run's process to reach that class (1.6 s here), always running the database'
 (0.9 s) and in the run's process group. Starting it here, and pointing the flow at it with
 ``PREFECT_API_URL`` (:func:`running_on`), the run's process imports no server code, a database that a
 start of the same Prefect left at its schema's head is not checked again, and a signal to the run's
-process group reaches the run alone (:class:`TemporaryServer`). ``benchmarks/cached_rerun.py``
-measures what this saves.
+process group reaches the run alone (:class:`TemporaryServer`). The command line launches it
+(:func:`begin_temporary_server`) as soon as the input paths are checked and waits for it
+(:meth:`ServerStart.ready`) only after the stacks are read and the flow's modules imported, so the
+server's seconds of start-up overlap the run's own. ``benchmarks/cached_rerun.py`` measures what
+this saves.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ class TemporaryServer:
         self.env = env or {}
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self._launched = 0.0
+        self._answered = False  # it logs its stop only then
 
     @property
     def address(self) -> str:
@@ -71,23 +76,33 @@ class TemporaryServer:
                 "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True),
                 **self.env}
 
-    def start(self) -> TemporaryServer:
-        """Start the server and return once it answers ``/health``; raises RuntimeError (with the
-        server's exit code) when it exits first or does not answer within Prefect's start-up
-        timeout (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``)."""
+    def launch(self) -> TemporaryServer:
+        """Start the server's process on a free port and return at once; :meth:`wait` for it."""
+        if self.port is None:
+            atexit.register(self.stop)
+        self.port = _free_port()
+        self.process = subprocess.Popen(self._command(), env=self._environment(), start_new_session=True)
+        self._launched = time.monotonic()
+        return self
+
+    def wait(self) -> TemporaryServer:
+        """Return once the launched server answers ``/health`` (a server whose port was taken
+        between our check and its bind is launched again on another); raises RuntimeError (with the
+        server's exit code) when it exits first or does not answer within Prefect's start-up timeout
+        (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``) of its launch."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        atexit.register(self.stop)
-        for _ in range(10):
-            self.port = _free_port()
+        for attempt in range(10):
+            if attempt:
+                self.launch()
+            # logged here, not at the launch: a launch the run's checks cancel says nothing
             logger.info("Starting temporary server on %s", self.address)
-            self.process = subprocess.Popen(self._command(), env=self._environment(), start_new_session=True)
-            deadline = time.monotonic() + timeout
             while (code := self.process.poll()) is None:
                 if _answers(f"{self.api_url}/health"):
+                    self._answered = True
                     return self
-                if time.monotonic() > deadline:
+                if time.monotonic() > self._launched + timeout:
                     self.stop()
                     raise RuntimeError(f"Prefect's temporary server did not answer on {self.address} within "
                                        f"{timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
@@ -98,12 +113,17 @@ class TemporaryServer:
                                    f"(its error is above)")
         raise RuntimeError("Prefect's temporary server found no free port in 10 attempts")
 
+    def start(self) -> TemporaryServer:
+        """:meth:`launch` and :meth:`wait`."""
+        return self.launch().wait()
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after 5 s, as Prefect does); nothing when stopped."""
         process, self.process = self.process, None
         if process is None:
             return
-        logger.info("Stopping temporary server on %s", self.address)
+        if self._answered:
+            logger.info("Stopping temporary server on %s", self.address)
         process.terminate()
         try:
             process.wait(timeout=5)
@@ -177,10 +197,44 @@ def skip_migrations(home: Path, database: Path | None) -> bool:
     return state["revision"] is not None and recorded == state
 
 
-def start_temporary_server() -> TemporaryServer | None:
-    """Start the run's temporary server (:class:`TemporaryServer`), one start at a time per
-    ``PREFECT_HOME``, after :func:`watch_for_orphans`; None when a server is configured
-    (``PREFECT_API_URL``) or ephemeral servers are off. The flow uses it inside :func:`running_on`.
+class ServerStart:
+    """A temporary server on its way up (:func:`begin_temporary_server`), holding the start lock
+    until :meth:`ready` or :meth:`cancel`."""
+
+    def __init__(self, server: TemporaryServer, lock: contextlib.ExitStack, home: Path,
+                 database: Path | None = None) -> None:
+        self.server, self._lock, self._home, self._database = server, lock, home, database
+
+    def ready(self) -> TemporaryServer:
+        """The server once it answers (:meth:`TemporaryServer.wait`); a start that migrated the
+        database records its revision (:func:`skip_migrations`). Stopped when it fails."""
+        try:
+            self.server.wait()
+            if self._database is not None and (state := migrated_state(self._database))["revision"] is not None:
+                mark = self._home / MIGRATED_MARK
+                tmp = mark.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                tmp.replace(mark)
+            return self.server
+        except BaseException:
+            self.server.stop()
+            raise
+        finally:
+            self._lock.close()
+
+    def cancel(self) -> None:
+        """Stop the server, started or not (the run's checks failed); the start lock is released."""
+        self.server.stop()
+        self._lock.close()
+
+
+def begin_temporary_server(migrated_only: bool = False) -> ServerStart | None:
+    """Launch the run's temporary server (:class:`TemporaryServer`) and return at once, under the
+    start lock of ``PREFECT_HOME`` (held until :meth:`ServerStart.ready`), after
+    :func:`watch_for_orphans`; None when a server is configured (``PREFECT_API_URL``) or ephemeral
+    servers are off, and with ``migrated_only`` when this start would migrate the database (a start
+    that may be cancelled, launched before the run's checks have all passed, must not stop a
+    migration halfway).
 
     Every run without ``PREFECT_API_URL`` has its own server on ``$PREFECT_HOME``'s database, whose
     start-up migrates that database and registers Prefect's block types; two runs starting together
@@ -194,18 +248,28 @@ def start_temporary_server() -> TemporaryServer | None:
         return None
     watch_for_orphans()
     home = Path(PREFECT_HOME.value()).expanduser()
-    with _locked(home / ".temporary-server-start.lock"):
+    lock = contextlib.ExitStack()
+    lock.enter_context(_locked(home / ".temporary-server-start.lock"))
+    try:
         database = sqlite_database()
-        mark = home / MIGRATED_MARK
         if skip_migrations(home, database):
-            return TemporaryServer({"PREFECT_API_DATABASE_MIGRATE_ON_START": "false"}).start()
-        mark.unlink(missing_ok=True)
-        server = TemporaryServer().start()
-        if database is not None and (state := migrated_state(database))["revision"] is not None:
-            tmp = mark.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(mark)
-        return server
+            return ServerStart(TemporaryServer({"PREFECT_API_DATABASE_MIGRATE_ON_START": "false"}).launch(), lock, home)
+        if migrated_only:
+            lock.close()
+            return None
+        (home / MIGRATED_MARK).unlink(missing_ok=True)
+        return ServerStart(TemporaryServer().launch(), lock, home, database)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def start_temporary_server() -> TemporaryServer | None:
+    """Start the run's temporary server and return it once it answers (:func:`begin_temporary_server`,
+    :meth:`ServerStart.ready`); None when a server is configured or ephemeral servers are off. The
+    flow uses it inside :func:`running_on`."""
+    start = begin_temporary_server()
+    return None if start is None else start.ready()
 
 
 @contextlib.contextmanager

@@ -16,8 +16,6 @@ with a hint at the kind it looks like.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.segmentation import find_boundaries
 
 KINDS = ("membrane", "cells", "instances")
 DEFAULT_MEMBRANE_WIDTH = 2
@@ -92,6 +90,10 @@ def instance_mask(ids: np.ndarray, membrane_width: int = DEFAULT_MEMBRANE_WIDTH)
     and with int64 ids its erosion overflows and marks pixels touching no other cell.)
     """
     ids = np.asarray(ids)
+    # imported here: the command lines read this module's constants before anything heavy loads
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
     if ids.ndim != 2 or ids.dtype != np.uint32:
         raise ValueError(f"expected one frame of uint32 ids [H, W], got {ids.dtype} {ids.shape}")
     cells = ids != 0

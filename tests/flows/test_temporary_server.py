@@ -1,6 +1,7 @@
 """The run's temporary Prefect server (flows/temporary_server.py): started in a session of its own, a
 database migrated by an earlier start of the same Prefect is not checked again, flows run against it
-through ``running_on``, and it is gone after ``stop``. Real servers on a new Prefect home."""
+through ``running_on``, and it is gone after ``stop``; the command line's early launch is stopped
+when its checks fail. Real servers on a new Prefect home."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,13 @@ import os
 import sqlite3
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tifffile
 
-from flows.temporary_server import (MIGRATED_MARK, running_on, schema_revision, skip_migrations,
-                                    start_temporary_server)
+from flows.temporary_server import (MIGRATED_MARK, TemporaryServer, begin_temporary_server, running_on,
+                                    schema_revision, skip_migrations, start_temporary_server)
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,8 @@ def _stopped(server) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tmp_path, monkeypatch):
+def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tmp_path, monkeypatch, capsys):
+    import flows.cli as cli
     from prefect import flow
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL,
@@ -50,6 +54,7 @@ def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tm
     with temporary_settings(updates={PREFECT_HOME: str(home),
                                      PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{database}"},
                             restore_defaults={PREFECT_API_URL}):
+        assert begin_temporary_server(migrated_only=True) is None  # a new database: not launched early
         first = start_temporary_server()
         try:
             assert os.getsid(first.process.pid) != os.getsid(0)  # a session of its own
@@ -76,6 +81,30 @@ def test_a_second_start_skips_the_migration_check_and_flows_run_on_the_server(tm
             assert any("Finished in state Completed" in log["message"] for log in logs)
         finally:
             _stopped(second)
+
+        # The command line launches the server once the paths are checked, while it reads the
+        # stacks: a stack that fails that check stops the server again, and the start lock is free.
+        data = tmp_path / "bad"
+        data.mkdir()
+        frames = np.zeros((3, 64, 64), np.uint8)
+        tifffile.imwrite(data / "train-volume.tif", frames)
+        tifffile.imwrite(data / "train-labels.tif", np.full((2, 64, 64), 255, np.uint8))  # one frame short
+        tifffile.imwrite(data / "test-volume.tif", frames)
+        launched = []
+        launch = TemporaryServer.launch
+        monkeypatch.setattr(TemporaryServer, "launch", lambda self: launched.append(self) or launch(self))
+        capsys.readouterr()
+        code = cli.main(["--data-dir", str(data), "--work-dir", str(tmp_path / "work"), "--preset", "smoke"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and "train-labels.tif" in err[0], err
+        assert len(launched) == 1 and launched[0].process is None  # launched, then stopped
+        assert not [p for p in psutil.process_iter(["cmdline"]) if str(launched[0].port) in (p.info["cmdline"] or [])]
+        third = begin_temporary_server(migrated_only=True)  # the lock is free, the database still migrated
+        try:
+            assert third is not None and SKIP_ENV in _server_env(third.server).items()
+        finally:
+            third.cancel()
+        assert third.server.process is None
 
         # What makes the next start migrate again: the database moved to another revision (another
         # Prefect migrated it), a record from another Prefect version, a new database, no record.

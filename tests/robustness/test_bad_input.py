@@ -1,6 +1,7 @@
 """Bad input: one ``error:`` line on stderr, a non-zero exit code, no traceback, nothing written.
 
-Every check runs in ``main()`` before the flow, so no Prefect server starts: most cases call
+Every check runs in ``main()`` before the flow (a server launched meanwhile is stopped again:
+tests/flows/test_temporary_server.py): most cases call
 ``main([...])`` in-process with the flow replaced by a stub that records whether it was reached;
 a few run ``python flows/full_pipeline.py`` as a subprocess to check the real console output."""
 from __future__ import annotations
@@ -29,9 +30,15 @@ def flow_stub(monkeypatch):
         calls.append(params)
         return {}
 
-    monkeypatch.setattr(fp, "full_pipeline", stub)
-    monkeypatch.setattr(fp, "start_temporary_server", lambda: calls.append("server"))
-    monkeypatch.setattr(fp, "format_console", lambda summary: "stub summary")
+    import flows.full_pipeline
+    import flows.temporary_server
+    import tasks.report
+
+    monkeypatch.setattr(flows.full_pipeline, "full_pipeline", stub)
+    # no early launch (as for a database still to migrate): the server starts after the checks
+    monkeypatch.setattr(flows.temporary_server, "begin_temporary_server", lambda migrated_only=False: None)
+    monkeypatch.setattr(flows.temporary_server, "start_temporary_server", lambda: calls.append("server"))
+    monkeypatch.setattr(tasks.report, "format_console", lambda summary: "stub summary")
     return calls
 
 
