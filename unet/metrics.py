@@ -309,15 +309,30 @@ class _Overlap:
     n: int
 
 
-def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
-    fg = gt != 0
-    g, s = gt[fg].ravel(), pred[fg].ravel()
+@dataclass(frozen=True)
+class _Truth:
+    """The ground truth's part of :func:`_overlap`, computed once per frame for a sweep: its
+    foreground pixels ``fg``, their labels ``g`` (renumbered when large) and the segment sizes."""
+    fg: np.ndarray
+    g: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, gt: np.ndarray) -> _Truth:
+        fg = gt != 0
+        g = _consecutive(gt[fg].ravel()) if fg.any() else np.zeros(0, np.int64)
+        return cls(fg, g, np.bincount(g))
+
+
+def _overlap(gt: np.ndarray | _Truth, pred: np.ndarray) -> _Overlap:
+    truth = gt if isinstance(gt, _Truth) else _Truth.of(gt)
+    g, gt_sizes = truth.g, truth.sizes
     if g.size == 0:
         empty = np.zeros(0)
         return _Overlap(empty, empty, empty, empty, 0)
-    g, s = _consecutive(g), _consecutive(s)
+    s = _consecutive(pred[truth.fg].ravel())
     width = int(s.max()) + 1
-    gt_sizes, pred_sizes = np.bincount(g), np.bincount(s)
+    pred_sizes = np.bincount(s)
     pairs = g * width + s
     if int(g.max()) * width < 8 * pairs.size + (1 << 20):
         joint = np.bincount(pairs)
@@ -473,9 +488,10 @@ def segmentation_sweep(
     """:func:`segmentation_scores` of several segmentations in one pass: ``segmentations(frame, t)``
     returns the label images of one frame at threshold ``t`` (several segmentations made from the
     same components label them once: :func:`unet.segment.plain_and_filled_scores`); one result per
-    segmentation, in its order, each as :func:`segmentation_scores` returns it. The thresholds run
-    in threads, one per core (labelling, the filled segmentation's distance transform and the
-    overlap tables release the GIL: 2.1x on 2 cores); the same numbers."""
+    segmentation, in its order, each as :func:`segmentation_scores` returns it. Each threshold and
+    frame is a job for threads, one per core (labelling, the filled segmentation's distance
+    transform and the overlap tables release the GIL); the ground truth's labels and their part of
+    the overlap tables are computed once per frame. The same numbers."""
     prob = _probabilities("cell_prob", cell_prob)
     mask = _binary("target", target)
     _same_shape(("cell_prob", "target"), prob, mask)
@@ -486,21 +502,22 @@ def segmentation_sweep(
     if len(prob) == 0:
         raise ValueError("cell_prob and target have no frames")
     ts = _check_thresholds(thresholds)
-    gts = [label(m, connectivity=1) for m in mask]
+    truths = [_Truth.of(label(m, connectivity=1)) for m in mask]
 
-    def means(t: float) -> list[dict[str, float]]:
-        tables: list[list[_Overlap]] = []  # per segmentation, one table per frame for both scores
-        for p, g in zip(prob, gts):
-            for k, labels in enumerate(segmentations(p, t)):
-                if k == len(tables):
-                    tables.append([])
-                tables[k].append(_overlap(g, labels))
-        return [{"v_rand": float(np.mean([_rand_of(table) for table in frames])),
-                 "v_info": float(np.mean([_info_of(table) for table in frames]))} for frames in tables]
+    def tables(job: tuple[float, int]) -> list[_Overlap]:  # one per segmentation of frame i at t
+        t, i = job
+        return [_overlap(truths[i], labels) for labels in segmentations(prob[i], t)]
 
-    with ThreadPoolExecutor(max_workers=min(len(ts), len(os.sched_getaffinity(0)))) as pool:
-        by_threshold = dict(zip(ts, pool.map(means, ts)))
-    return [best_over_thresholds({t: by_threshold[t][k] for t in ts}) for k in range(len(by_threshold[ts[0]]))]
+    # a job per threshold and frame (not per threshold: 9 thresholds on 2 cores would leave one idle
+    # for the last), in threads, one per core
+    jobs = [(t, i) for t in ts for i in range(len(prob))]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), len(os.sched_getaffinity(0)))) as pool:
+        done = dict(zip(jobs, pool.map(tables, jobs)))
+    kinds = len(done[jobs[0]])
+    return [best_over_thresholds({t: {"v_rand": float(np.mean([_rand_of(done[t, i][k]) for i in range(len(prob))])),
+                                      "v_info": float(np.mean([_info_of(done[t, i][k]) for i in range(len(prob))]))}
+                                  for t in ts})
+            for k in range(kinds)]
 
 
 def best_over_thresholds(per_threshold: dict[float, dict[str, float]]) -> dict[str, Any]:

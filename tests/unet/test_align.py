@@ -202,23 +202,29 @@ def _scored_shifts(monkeypatch, prob, target, **kwargs):
     return estimate_shift(prob, target, **kwargs), scored
 
 
-@pytest.mark.parametrize("max_shift, step, grid", [
-    (1.5, 0.25, range(-6, 7, 2)),  # 6 steps each way, an even number: the grid includes the window's edges
-    (1.5, 0.5, range(-2, 3, 2)),  # 3 steps, odd: every other step from -2, so that 0 is on the grid
+@pytest.mark.parametrize("max_shift, step, spacings", [
+    (1.5, 0.25, (4, 2, 1)),  # 6 steps each way: a 1 px grid (-4, 0, 4), then neighbours 2 and 1 steps away
+    (1.5, 0.5, (2, 1)),  # 3 steps: (-2, 0, 2), then the neighbours 1 step away
 ])
-def test_the_search_scores_the_window_every_two_steps_then_the_neighbours_of_the_best(monkeypatch, labels, max_shift,
-                                                                                      step, grid):
-    # the docstring's coarse-to-fine search, which sets its cost: no shift first, then every second
-    # grid point of the whole window, then the eight one-step neighbours of the best of those
-    # (49 + 8 shifts scored for the defaults instead of all 13 x 13); each shift scored once
+def test_the_search_scores_a_coarse_grid_then_the_neighbours_of_the_best_half_as_far_each_time(
+        monkeypatch, labels, max_shift, step, spacings):
+    # the docstring's coarse-to-fine search, which sets its cost: a grid of the largest power-of-two
+    # spacing within the window (with no shift on it), then the eight neighbours of the best at half
+    # that spacing, and so on down to one step (9 + 8 + 8 shifts scored for the defaults instead of
+    # all 13 x 13); each shift scored once
     labels = labels[:1, :64, :64]
     a, scored = _scored_shifts(monkeypatch, _moved(labels, 1.0, 0.0), labels, max_shift=max_shift, step=step)
     best = (round(-1.0 / step), 0)  # on both grids: found by the coarse search already
     assert (a.dy, a.dx) == (-1.0, 0.0)
-    coarse = {(y, x) for y in grid for x in grid}
-    assert len(scored) == len(set(scored)) == len(coarse) + 8  # (0, 0) is on the coarse grid
-    assert set(scored[:len(coarse)]) == coarse
-    assert set(scored[len(coarse):]) == {(best[0] + i, best[1] + j) for i in (-1, 0, 1) for j in (-1, 0, 1)} - {best}
+    limit = round(max_shift / step)
+    grid = range(-(limit // spacings[0]) * spacings[0], limit + 1, spacings[0])
+    batches = [{(y, x) for y in grid for x in grid}]
+    batches += [{(best[0] + i * s, best[1] + j * s) for i in (-1, 0, 1) for j in (-1, 0, 1)} - {best}
+                for s in spacings[1:]]
+    assert len(scored) == len(set(scored)) == sum(map(len, batches)) == 9 + 8 * (len(spacings) - 1)
+    for batch in batches:
+        assert set(scored[:len(batch)]) == batch
+        scored = scored[len(batch):]
 
 
 def test_the_smallest_frame_with_an_inner_pixel_to_score_is_accepted():
