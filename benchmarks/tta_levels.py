@@ -5,7 +5,8 @@ model's alignment) and the seconds per section through the block engine, for eac
 backend x precision:
 
 - ``none`` (1 pass), ``flips`` (4), ``d4`` (8 flips/rotations), ``flips+scales`` and ``d4+scales``
-  (4 or 8 x the model's test-time scales; left out when the model has none but 1.0);
+  (4 or 8 x the model's test-time scales) and ``d4-flips+scales`` (d4 at scale 1, flips at the
+  others: 16 passes for three scales); the last three left out when the model has no scale but 1.0;
 - ONNX Runtime fp32 and int8 (the export's), and MindSpore fp32 with ``--mindspore`` (slow: the
   training framework, capped at AVX2 here).
 
@@ -24,16 +25,20 @@ from pathlib import Path
 import common
 import numpy as np
 from precision import SCORES, datasets_of, predict, seconds_per_section
+from unet.tta import TTA_VIEWS, views_at
 
-PASSES = {"none": 1, "flips": 4, "d4": 8}
+def passes(tta: str, scales: tuple[float, ...]) -> int:
+    """Forward passes per section of a level: its views at each scale."""
+    return sum(len(TTA_VIEWS[views_at(tta, s)]) for s in scales)
 
 
 def levels_of(record: dict) -> dict[str, tuple[str, tuple[float, ...]]]:
-    """Level name -> (TTA views, test-time scales) for the model of ``record`` (its model.json)."""
+    """Level name -> (TTA level, test-time scales) for the model of ``record`` (its model.json)."""
     scales = tuple(record["tta_scales"])
-    levels = {name: (name, (1.0,)) for name in PASSES}
+    levels = {name: (name, (1.0,)) for name in TTA_VIEWS}
     if scales != (1.0,):
         levels["flips+scales"] = ("flips", scales)
+        levels["d4-flips+scales"] = ("d4-flips", scales)
         levels["d4+scales"] = ("d4", scales)
     return levels
 
@@ -95,7 +100,7 @@ def main() -> None:
             settings = Settings(recipe, tta=tta, scales=scales, shift=tuple(record["alignment_shift"]))
             probs = np.stack([predict(predictor, frame, settings) for frame in frames])
             scores = native_scores(probs, masks)
-            row = {"level": level, "passes": PASSES[tta] * len(scales), "backend": backend, "precision": precision,
+            row = {"level": level, "passes": passes(tta, scales), "backend": backend, "precision": precision,
                    **{k: round(scores[k], 4) for k in SCORES},
                    "s_per_section": round(seconds_per_section(predictor, frames, settings, args.repeats), 3)}
             rows.append(row)

@@ -35,7 +35,7 @@ from tasks.segment import (blocks_to_do, completed_summary, finish_segmentation,
                            plan_segmentation, predict_blocks, resolve_model, sections_to_do, summary_markdown)
 from unet.backends import check_precision  # noqa: E402
 from unet.blocks import DEFAULT_BLOCK  # noqa: E402
-from unet.tta import tta_level  # noqa: E402
+from unet.tta import default_level  # noqa: E402
 
 FORMATS = ("zarr", "tiff")
 TASKS_PER_WORKER = 4   # enough batches for an even spread and a progress bar that moves
@@ -113,8 +113,9 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     frames, Zarr/OME-Zarr) with ``model`` (``champion`` of ``work_dir``, or a train stage folder /
     checkpoint), written block by block to ``output`` (default: ``default_output``). ``precision``:
     fp32, int8 (ONNX Runtime, the model's export calibrated on its training frames), or auto: int8
-    where the export's check found it keeps the model's val scores, else fp32. ``tta`` and
-    ``tta_scales`` default to the model's (its recipe's TTA, its evaluation's scales); ``block``
+    where the export's check found it keeps the model's val scores, else fp32. ``tta_scales``
+    defaults to the model's (its evaluation's scales), ``tta`` to its recipe's level
+    (``unet.tta.default_level``: d4 at several scales runs as d4-flips); ``block``
     and ``halo``: unet.blocks.Settings. Returns the summary written to ``.segment/complete.json``."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -123,8 +124,8 @@ def segment_volume(input: str, output: str | None = None, format: str = "zarr", 
     m = resolve_model(model, work_dir, precision, backend)
     if m.get("onnx") and backend != "onnxruntime":
         raise ValueError(f"{model}: an exported model runs on onnxruntime, not {backend}")
-    tta = tta or tta_level(m["recipe"]["tta"])
     scales = [float(s) for s in (tta_scales or m["tta_scales"])]
+    tta = tta or default_level(m["recipe"]["tta"], scales)
     output = output or default_output(input, work_dir, format)
     # ONNX Runtime threads per process: every core for one process, a share of them per local worker
     threads = 0 if workers == 1 or dask_address else max(1, (os.cpu_count() or 1) // workers)

@@ -12,8 +12,9 @@ from typing import Callable
 from flows.command import EXIT_USAGE, POSITIVE_INT, POSITIVE_FLOAT, _DefaultsHelp, _number, _Parser, run_command
 from flows.segment import FORMATS, default_output, segment_volume
 from flows.temporary_server import running_on, start_temporary_server
-from unet.backends import BACKENDS, PRECISIONS, TTA_VIEWS, check_precision
+from unet.backends import BACKENDS, PRECISIONS, check_precision
 from unet.blocks import DEFAULT_BLOCK
+from unet.tta import LEVELS
 
 
 def _multiple_of_16(low: int) -> Callable[[str], int]:
@@ -64,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "training frames by flows/export.py, which the pipeline runs for its champion), about 2.6x "
                         "faster; auto: int8 where the export's check on the val frames found it loses less than "
                         "0.002 of cell IoU, membrane Dice and V_rand, else fp32")
-    p.add_argument("--tta", choices=list(TTA_VIEWS),
-                   help="test-time augmentation: none, flips (4 views) or d4 (8 flips/rotations) "
-                        "(default: the model's recipe: d4 for fullres, none for seed/smoke)")
+    p.add_argument("--tta", choices=list(LEVELS),
+                   help="test-time augmentation: none, flips (4 views), d4 (8 flips/rotations) or d4-flips (d4 at "
+                        "scale 1, flips at the other --tta-scales: 16 passes instead of 24 for fullres, the same val "
+                        "scores within 0.002) (default: the model's recipe: d4-flips for fullres, whose recipe says "
+                        "d4 at three scales; none for seed/smoke)")
     p.add_argument("--tta-scales", type=POSITIVE_FLOAT, nargs="+", metavar="SCALE",
                    help="average the predictions of the volume resized by each SCALE (default: the scales the "
                         "model was evaluated with)")

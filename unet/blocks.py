@@ -31,7 +31,7 @@ from skimage.measure import label
 from skimage.segmentation import expand_labels
 
 from unet.align import shift
-from unet.tta import Predictor, predict_views, tta_level
+from unet.tta import Predictor, predict_views, tta_level, views_at
 from unet.data import to_network_input
 from unet.recipes import Recipe
 
@@ -179,7 +179,7 @@ def predict_region(predictor: Predictor, image: np.ndarray, settings: Settings) 
     """Probabilities float32 [h, w] of one region (uint8 [h, w] or [h, w, sections]), averaged
     over the test-time scales and TTA views; no alignment shift."""
     predict = _predict_resized if settings.recipe.input_mode == "resize" else _predict_native
-    probs = [predict(predictor, image, settings.recipe, s, settings.tta) for s in settings.scales]
+    probs = [predict(predictor, image, settings.recipe, s, views_at(settings.tta, s)) for s in settings.scales]
     return probs[0] if len(probs) == 1 else np.mean(probs, axis=0).astype(np.float32)
 
 

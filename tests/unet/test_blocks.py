@@ -20,6 +20,7 @@ from unet.blocks import (CHUNK, SHIFT_MARGIN, Settings, chunk_shape, default_hal
                          grid, label_tile, merge_tiles, predict_region, predict_section, read_input,
                          receptive_radius, tile_edges)
 from unet.recipes import PRESETS, Recipe
+from unet.tta import default_level, views_at
 
 CROP = PRESETS["fullres"]    # input_mode "crop": the network sees native pixels
 RESIZE = PRESETS["smoke"]    # input_mode "resize": the network sees the whole frame resized to 64
@@ -175,6 +176,33 @@ def test_settings_normalise_tta_and_scales():
     assert settings.scales == (1.0, 2.0)
     assert settings.to_dict() == {"recipe": "fullres", "tta": "none", "scales": [1.0, 2.0],
                                   "shift": [0.0, 0.0], "block": 64, "halo": 0}
+
+
+def test_d4_flips_takes_its_views_by_scale_and_is_the_default_of_d4_at_several_scales():
+    assert [views_at("d4-flips", s) for s in (0.875, 1.0, 1.125)] == ["flips", "d4", "flips"]
+    assert views_at(True, 0.5) == "d4" and views_at("none", 1.0) == "none"
+    assert default_level(True, (0.875, 1.0, 1.125)) == "d4-flips" == default_level("d4", [1.0, 1.25])
+    assert default_level(True, (1.0,)) == "d4" and default_level(False, (0.875, 1.0)) == "none"
+    assert default_level("flips", (0.875, 1.0)) == "flips"
+    assert Settings(CROP, tta="d4-flips").tta == "d4-flips"
+    with pytest.raises(ValueError, match="unknown TTA level 'd8'"):
+        Settings(CROP, tta="d8")
+
+
+def test_d4_flips_is_d4_at_scale_1_and_flips_at_the_other_scales():
+    volume = _frames(1, 200, 300, seed=3)
+    scales = (0.875, 1.0, 1.125)
+    mixed = _section(LocalPredictor(), volume, 0, recipe=CROP, scales=scales, tta="d4-flips", block=1024)
+    parts = [_section(LocalPredictor(), volume, 0, recipe=CROP, scales=(s,), tta=t, block=1024)
+             for s, t in ((0.875, "flips"), (1.0, "d4"), (1.125, "flips"))]
+    assert np.abs(mixed - np.mean(parts, axis=0)).max() <= TOL
+    d4 = _section(LocalPredictor(), volume, 0, recipe=CROP, scales=scales, tta="d4", block=1024)
+    assert np.abs(mixed - d4).max() > 1e-3  # not d4 at every scale (the fake predictor is not symmetric)
+    # at scale 1 alone it is d4; and block by block it equals the whole frame, as every level does
+    native = _section(LocalPredictor(), volume, 0, recipe=CROP, tta="d4-flips", block=1024)
+    assert np.abs(native - _section(LocalPredictor(), volume, 0, recipe=CROP, tta="d4", block=1024)).max() == 0
+    blocks = _section(LocalPredictor(), volume, 0, recipe=CROP, scales=scales, tta="d4-flips", block=64)
+    assert np.abs(blocks - mixed).max() <= TOL
 
 
 # ---- grid and chunks ----------------------------------------------------------------------------
