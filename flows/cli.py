@@ -4,9 +4,10 @@ leaves the temporary Prefect server behind (:mod:`flows.command`, shared with th
 command line); a watchdog (flows/watchdog.py) stops what the run started even after a SIGKILL. The
 flow itself is :func:`flows.full_pipeline.full_pipeline`.
 
-What a run does before its flow, in order: the arguments; the paths and the work directory; then
-Prefect's temporary server is launched (when the database needs no migration) and starts while the
-frames are checked and the flow's modules import (:func:`main`); a failed check stops it again.
+What a run does before its flow, in order: the arguments; the input paths; then Prefect's
+temporary server is launched (when the database needs no migration) and starts while the stacks
+and the work directory are checked and the flow's modules import (:func:`main`); a failed check
+stops it again.
 This module imports nothing heavy itself: ``--help`` and a usage error answer at once.
 """
 from __future__ import annotations
@@ -159,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code. Arguments, the three stacks and the work directory
-    are checked before the flow (and Prefect's temporary server) starts; every error is reported as
-    one ``error: ...`` line on stderr, with a traceback only under ``--debug``."""
+    are checked before the flow starts (Prefect's temporary server is launched once the input paths
+    exist and stopped again when a later check fails); every error is reported as one ``error:
+    ...`` line on stderr, with a traceback only under ``--debug``."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "them (training resumes from its last finished epoch)")
     if code != 0:
         for start in starting:
-            start.cancel()  # a failed check, or the flow's end: stopped now rather than at exit
+            start.cancel()  # a failed check or a failed run: stopped now rather than at exit
         return code
     from tasks.report import format_console
 
