@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     starting = []  # the temporary server, launched once the input paths are checked
 
     def check() -> None:
+        inputs = resolve_inputs(**data_args)  # before Prefect's import: a missing path answers at once
         prefect_defaults()
         from flows.temporary_server import begin_temporary_server
 
-        inputs = resolve_inputs(**data_args)
         # the server's start (seconds) overlaps what is left: reading the stacks, importing the flow
         starting.extend(filter(None, [begin_temporary_server(migrated_only=True)]))
         check_inputs(inputs, recipe, args.split, args.split_seed, args.membrane_width)
