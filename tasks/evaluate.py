@@ -38,8 +38,8 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
     None: the frame as it is)."""
     from unet.align import Alignment, estimate_shift, shift
     from unet.backends import PIPELINE_BACKEND, load_predictor
-    from unet.data import SegmentationSource, central_crops, eval_transforms, read_sections, volume_of
-    from unet.evaluate import case_metrics, native_scores, read_mask_frames
+    from unet.data import SegmentationSource, central_crops, eval_transforms, volume_of
+    from unet.evaluate import case_metrics, native_scores
     from unet.infer import predict_files, predict_frame
     from unet.recipes import Recipe
     from unet.viz import plot_examples, plot_history
@@ -66,9 +66,10 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
         sizes = datasets.get("frame_shapes") or [None]
         batch = config.val_batch_size if config.input_mode == "resize" or len(sizes) == 1 else 1
         metrics = {name: case_metrics(predictor, src, batch) for name, src in sources.items()}
-        train_probs = [predict_frame(predictor, read_sections(img, config.sections), config, tta=config.tta,
-                                     scales=scales) for img, _ in train_pairs]
-        train_masks = read_mask_frames([m for _, m in train_pairs])
+        # the frames and masks the sources have read (not read again)
+        train_probs = [predict_frame(predictor, image, config, tta=config.tta, scales=scales)
+                       for image in sources["train"].images]
+        train_masks = sources["train"].masks
         alignment = (estimate_shift(central_crops(train_probs), central_crops(train_masks)) if align
                      else Alignment())
         if align:
@@ -86,7 +87,7 @@ def evaluate(datasets: dict, model: dict, recipe: dict, work_dir: str, align: bo
                                   align=alignment if align else None, scales=scales)
             probs += list(preds.cell_prob)
             unaligned += list(preds.unaligned_prob) if align else []
-        val_masks = read_mask_frames([m for _, m in val_pairs])
+        val_masks = sources["val"].masks
         examples = figures.submit(plot_examples, [img for img, _ in val_pairs], [m for _, m in val_pairs], probs,
                                   folder / "val_examples.png")
         metrics["val_native"] = native_scores(probs, val_masks)
