@@ -68,7 +68,7 @@ def plain_and_filled_scores(
     frames in one pass: each frame's components at each threshold are labelled once and scored as
     they are and filled (the evaluate stage's two sweeps; the same numbers as the two calls)."""
     def both(frame: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-        components = label(frame >= t, connectivity=1)
+        components = segment_cells(frame, t)
         return components, filled(components)
 
     plain, grown = segmentation_sweep(cell_prob, target, thresholds, both)
